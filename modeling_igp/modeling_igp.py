@@ -13,6 +13,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_igp import IGPruningCache
 from .configuration_igp import IGPruningConfig, validate_centroids, validate_mask_bank
+from .hub_igp import IGPruningHubMixin
 from .router_igp import IGPRouter
 
 
@@ -44,7 +45,7 @@ class IGPruningPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class IGPruningForCausalLM(IGPruningPreTrainedModel, GenerationMixin):
+class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, GenerationMixin):
     """
     Causal language model that runs, for each batch row, only the blocks its mask keeps.
 
