@@ -12,7 +12,7 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_igp import IGPruningCache
-from .configuration_igp import IGPruningConfig, validate_centroids, validate_mask_bank
+from .configuration_igp import SUPPORTED_MODEL_TYPES, IGPruningConfig, validate_centroids, validate_mask_bank
 from .hub_igp import IGPruningHubMixin
 from .router_igp import IGPRouter
 
@@ -89,6 +89,12 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
             router: an `IGPRouter`, needed to route prompts by text.
             tokenizer: the base model's tokenizer, needed to route token ids (`generate` without masks).
         """
+        model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported base architecture model_type={model_type!r} ({type(base_model).__name__}): "
+                f"IGPruningForCausalLM supports {', '.join(SUPPORTED_MODEL_TYPES)}. Use a base model of one of these types."
+            )
         if not hasattr(base_model, "model") or not hasattr(base_model, "lm_head"):
             raise ValueError(
                 f"from_base expects a causal LM with `.model` and `.lm_head` (such as LlamaForCausalLM), "
@@ -316,6 +322,10 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
             cache.advance(query_length)
 
         hidden_states = self.model.norm(hidden_states)
+        if output_hidden_states:
+            # As in the transformers decoders, the last entry is the output of the final norm.
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
