@@ -137,6 +137,8 @@ def validate_centroids(centroids, num_clusters: int, embedding_dim: int | None) 
         )
 
     width = embedding_dim if embedding_dim is not None else len(centroids[0])
+    if width < 1:
+        raise ValueError(f"centroids must have width at least 1, got rows of width {width}.")
     checked = []
     for cluster, row in enumerate(centroids):
         row = [float(value) for value in row]

@@ -409,7 +409,11 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
         return torch.tensor(self.config.mask_bank, dtype=torch.bool)[cluster_ids]
 
     def _missing_blocks(self, keep: torch.Tensor) -> list[int]:
-        available = torch.tensor(self.config.blocks_kept_by_bank(), dtype=torch.bool)
+        # Read the module tree, not the bank: after `set_mask_bank` the weights of the first bank are still present.
+        available = torch.tensor(
+            [getattr(layer, name) is not None for layer in self.model.layers for name in ("self_attn", "mlp")],
+            dtype=torch.bool,
+        )
         return (keep.any(dim=0) & ~available).nonzero().flatten().tolist()
 
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
