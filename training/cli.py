@@ -11,6 +11,8 @@ import sys
 
 # Modules under igp_training that define subcommands, in the order `igp --help` lists them.
 COMMAND_MODULES = [
+    "prune_cmd",
+    "generate_cmd",
 ]
 
 
