@@ -31,6 +31,7 @@ class IGPRouter:
         """Load an encoder and its tokenizer from a local folder or hub name (a sentence-transformers folder works)."""
         if os.path.isdir(path):
             _check_pooling(path)
+            _check_tokenizer_files(path)
         encoder = AutoModel.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         return cls(encoder, tokenizer, max_length=max_length)
@@ -88,6 +89,21 @@ class IGPRouter:
                 f"{embeddings.shape[-1]} dimensions; use the encoder the centroids were computed with."
             )
         return (embeddings @ centroids.T).argmax(dim=-1)
+
+
+# Files one of which every transformers tokenizer loads its vocabulary from.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _check_tokenizer_files(path: str) -> None:
+    """Raise if a local encoder folder has no tokenizer vocabulary."""
+    # Without one, transformers 5 builds a tokenizer with an empty vocabulary that maps every word to [UNK], and
+    # routing would silently send every prompt to the same cluster.
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise OSError(
+            f"The router encoder folder {path} has no tokenizer vocabulary (none of {', '.join(TOKENIZER_FILES)}). "
+            "Save the encoder's tokenizer into the same folder."
+        )
 
 
 def _check_pooling(path: str) -> None:

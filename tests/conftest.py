@@ -240,3 +240,41 @@ def _quiet_offline(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     yield
 
+
+
+# -- one saved checkpoint shared by the save/load and ecosystem tests ---------------------------------------------------
+
+# Blocks 0 (layer 0's attention) and 5 (layer 2's MLP) are kept by no mask, so the checkpoint omits them.
+CHECKPOINT_BANK = [
+    [0, 1, 1, 1, 1, 0, 1, 1],
+    [0, 1, 0, 0, 1, 0, 1, 1],
+    [0, 0, 1, 1, 1, 0, 1, 0],
+]
+CHECKPOINT_REMOVED_BLOCKS = (0, 5)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_base(smollm2_tokenizer):
+    """A tiny Llama with SmolLM2's vocabulary and a generation config of its own."""
+    tokenizer = smollm2_tokenizer
+    base = tiny_base(
+        "llama", seed=3, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    base.generation_config.max_new_tokens = 7
+    base.generation_config.repetition_penalty = 1.3
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    return base
+
+
+@pytest.fixture(scope="session")
+def saved_checkpoint(tmp_path_factory, checkpoint_base, router, smollm2_tokenizer):
+    """(path, model): the routed model of `CHECKPOINT_BANK` saved once with its router and tokenizer."""
+    from modeling_igp import IGPruningForCausalLM
+
+    model = IGPruningForCausalLM.from_base(
+        checkpoint_base, CHECKPOINT_BANK, centroids=router.embed(PROMPTS), router=router, tokenizer=smollm2_tokenizer
+    )
+    path = tmp_path_factory.mktemp("checkpoint") / "igp-tiny-llama"
+    model.save_pretrained(path)
+    return path, model

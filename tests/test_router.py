@@ -167,3 +167,13 @@ def test_generate_empty_prompt_raises(routed_llama, smollm2_tokenizer):
     input_ids = torch.tensor([[smollm2_tokenizer.bos_token_id, smollm2_tokenizer.eos_token_id]])
     with pytest.raises(ValueError, match="empty prompt"):
         model.generate(input_ids, max_new_tokens=2)
+
+
+def test_router_folder_without_tokenizer_raises(router_path, tmp_path):
+    target = tmp_path / "encoder"
+    target.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (target / name).symlink_to(router_path / name)
+    # transformers would otherwise build an empty-vocabulary tokenizer that routes every prompt the same way.
+    with pytest.raises(OSError, match="no tokenizer vocabulary"):
+        IGPRouter.from_pretrained(str(target))
