@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "prune_cmd",
     "generate_cmd",
+    "finetune_cmd",
 ]
 
 
