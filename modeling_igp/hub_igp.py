@@ -65,7 +65,7 @@ class IGPruningHubMixin:
         The endpoint is `HF_ENDPOINT` when set. With `HF_HUB_OFFLINE` set, this raises `OfflineModeIsEnabled` before
         anything is saved or uploaded.
         """
-        _check_online()
+        require_online()
         if not isinstance(repo_id, str) or not repo_id.strip("/ "):
             raise ValueError(f"repo_id must be a repository name such as 'my-org/my-model', got {repo_id!r}.")
         extra_files = _check_extra_files(extra_files)
@@ -212,7 +212,7 @@ def config_card(config, repo_id: str) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
         'inputs = tokenizer(["Write a haiku about the sea."], return_tensors="pt")',
         generate_line,
         "print(tokenizer.decode(output[0], skip_special_tokens=True))",
@@ -224,7 +224,8 @@ def config_card(config, repo_id: str) -> str:
     return "\n".join(lines)
 
 
-def _check_online() -> None:
+def require_online() -> None:
+    """Raise `OfflineModeIsEnabled` if `HF_HUB_OFFLINE` is set, now or when huggingface_hub was imported."""
     # The constant is read when huggingface_hub is imported; the environment may have changed since.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     if offline or hub_constants.HF_HUB_OFFLINE:
@@ -298,8 +299,8 @@ def _create_branch(api: HfApi, repo_id: str, revision: str, create_pr: bool) -> 
     try:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     except HfHubHTTPError as error:
-        # Opening a pull request on a repository we cannot write to: the branch must exist already, and
-        # create_commit says so clearly if it does not.
+        # A pull request on a repository we cannot write to needs a branch that exists already. If it does not,
+        # create_commit raises a clear error.
         if not (create_pr and error.response is not None and error.response.status_code == 403):
             raise
 
@@ -308,4 +309,4 @@ def _looks_like_repo_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name)
 
 
-__all__ = ["IGPruningHubMixin", "config_card", "relative_links"]
+__all__ = ["IGPruningHubMixin", "config_card", "relative_links", "require_online"]

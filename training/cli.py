@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "prune_cmd",
     "generate_cmd",
     "finetune_cmd",
+    "card_cmd",
+    "push_cmd",
 ]
 
 
