@@ -45,7 +45,7 @@ class IGPruningCache(DynamicCache):
 
         rows_cpu = rows.cpu() if rows is not None else None
         if not self.layer_bound[layer_idx] and self.seen_tokens > 0:
-            # The layer holds no keys for the tokens already seen, so attending now would silently drop them.
+            # The layer has no keys for the tokens already seen, so attending now would silently drop them.
             raise ValueError(
                 f"Attention layer {layer_idx} was skipped by every row for the first {self.seen_tokens} tokens but "
                 f"is now run by rows {_describe(rows_cpu)}. A row's block mask must stay fixed for the whole "

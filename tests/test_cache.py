@@ -20,7 +20,7 @@ def random_ids(batch_size, length, seed=0):
 
 
 def stored(cache, layer_idx):
-    """The (keys, values) a cache layer holds, or None if it holds nothing."""
+    """The (keys, values) a cache layer stores, or None if it stores nothing."""
     if layer_idx >= len(cache.layers):
         return None
     layer = cache.layers[layer_idx]

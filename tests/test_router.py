@@ -53,7 +53,8 @@ def test_route_picks_highest_cosine_similarity(router, sentence_transformer):
     routed = router.route(TEXTS, centroids)
 
     assert routed.tolist() == expected.tolist()
-    assert routed[0].item() == 0 and routed[1].item() == 1
+    assert routed[0].item() == 0
+    assert routed[1].item() == 1
 
 
 @pytest.mark.parametrize("texts, index", [([""], 0), (["fine", "   "], 1), (["ok", "fine", "\n\t"], 2)])
@@ -149,7 +150,8 @@ def test_route_token_ids_drops_special_tokens_and_padding(routed_llama, smollm2_
     model.route_token_ids(input_ids, attention_mask)
 
     routed_texts = route_spy[0]
-    assert "<|im_start|>" not in routed_texts[0] and "<|im_end|>" not in routed_texts[0]
+    assert "<|im_start|>" not in routed_texts[0]
+    assert "<|im_end|>" not in routed_texts[0]
     assert PROMPTS[0] in routed_texts[0]
     assert routed_texts[1] == PROMPTS[1]
 

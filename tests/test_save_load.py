@@ -150,7 +150,7 @@ def test_fresh_process_generation_config_carried_over(fresh_process_results, che
     assert results["generation_config"]["pad_token_id"] == checkpoint_base.generation_config.pad_token_id
 
 
-# -- what the checkpoint holds ----------------------------------------------------------------------------------------
+# -- what the checkpoint contains -------------------------------------------------------------------------------------
 
 
 def removed_parameter_names(base_model, removed_blocks) -> set[str]:
