@@ -3,8 +3,8 @@ Fill the model-card template from a saved IG-Pruning model folder.
 
 The folder holds what `IGPruningForCausalLM.save_pretrained` writes (config.json, weights, tokenizer, `router/`).
 `igp prune` adds the run record `igp_run.json` and the plots `mask_bank.png` and `training_curves.png`, and
-evaluation adds JSON results. Only config.json is required: a card section whose input is missing is left out, and
-sparsity missing from the run record is computed from config.json.
+`igp eval` adds `igp_eval.json`. Only config.json is required: a card section whose input is missing is left out,
+and sparsity missing from the run record is computed from config.json.
 
 Keys read from `igp_run.json`, each optional:
 
@@ -16,9 +16,10 @@ Keys read from `igp_run.json`, each optional:
 - `settings` (nested dicts of run settings), `mask_learning` (its scalar figures), `timings_s`, `versions`,
   `files` (`{name: relative path}` of plots).
 
-Evaluation results are read from `evaluation` in the run record and from `eval_results.json`, `evaluation.json`,
-`igp_eval.json` and the JSON files of the `eval/` and `evaluation/` subfolders, in any shape `evaluation_records`
-accepts.
+The evaluation section compares this model with the dense model and static baselines when a `compare.json` of
+`igp compare` is given (or lies in the folder): its `models` rows with `name`, `path`, `method`, `sparsity_blocks`,
+`perplexity`, `accuracy`, `mean_accuracy` and `speed`. Without one, it shows this model's `igp_eval.json`
+(`perplexity`, `zero_shot` and `speed`).
 """
 
 import json
@@ -37,8 +38,9 @@ TEMPLATE_PATH = Path(__file__).with_name("template.md")
 RUN_RECORD = "igp_run.json"
 MASK_BANK_IMAGE = "mask_bank.png"
 CARD_TAGS = ["pruning", "depth-pruning", "dynamic-pruning", "custom_code"]
-EVALUATION_FILES = ("eval_results.json", "evaluation.json", "igp_eval.json")
-EVALUATION_FOLDERS = ("eval", "evaluation")
+EVAL_FILE = "igp_eval.json"
+COMPARE_FILE = "compare.json"
+EVALUATION_FOLDER = "evaluation"
 
 # Licences checked at the source, by hub id prefix. Any other model's licence is reported as unknown, not guessed.
 KNOWN_LICENSES = {
@@ -61,9 +63,6 @@ EMBEDDED_DATASETS = {
 # Settings that only control where and how a run writes its files, so they do not describe the model.
 BOOKKEEPING_SETTINGS = ("output_dir", "overwrite", "resume", "keep_checkpoints", "save_steps", "logging_steps")
 
-# Labels of evaluation results that name this model or the dense base model. Every other label is a baseline.
-PRUNED_MODEL_LABELS = ("igp", "ig-pruning", "ig_pruning", "dynamic", "pruned", "this model")
-DENSE_MODEL_LABELS = ("dense", "base", "unpruned", "original")
 
 
 @dataclass
@@ -79,7 +78,8 @@ class RenderedCard:
         return str(self.card)
 
 
-def render_card(model_dir, repo_id: str | None = None, context_length: int | None = None) -> RenderedCard:
+def render_card(model_dir, repo_id: str | None = None, context_length: int | None = None,
+                compare_path=None) -> RenderedCard:
     """
     Render the model card of the saved model in `model_dir`.
 
@@ -88,6 +88,8 @@ def render_card(model_dir, repo_id: str | None = None, context_length: int | Non
         repo_id: hub repository the card is for, used in the usage snippet. Defaults to the folder name.
         context_length: context length in tokens for the FLOP sparsity. Defaults to the run record's, else that of
             `igp_training.sparsity`. A value that differs from the run record's recomputes every sparsity figure.
+        compare_path: `compare.json` written by `igp compare` for this model, the dense model and baselines.
+            Defaults to `model_dir/compare.json` when that file exists.
     """
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json", required=True)
@@ -123,7 +125,7 @@ def render_card(model_dir, repo_id: str | None = None, context_length: int | Non
     images = _images(run, model_dir)
     mask_bank_image = next((image["path"] for image in images if image["is_mask_bank"]), None)
     files.update({image["path"]: str(model_dir / image["path"]) for image in images})
-    evaluation = _evaluation(run, model_dir, files)
+    evaluation = _evaluation(model_dir, Path(compare_path) if compare_path is not None else None, files)
 
     card = ModelCard.from_template(
         card_data,
@@ -161,9 +163,9 @@ def render_card(model_dir, repo_id: str | None = None, context_length: int | Non
     return RenderedCard(card=ModelCard(text), files=files)
 
 
-def write_card(model_dir, repo_id: str | None = None, context_length: int | None = None) -> Path:
+def write_card(model_dir, repo_id: str | None = None, context_length: int | None = None, compare_path=None) -> Path:
     """Render the model card of `model_dir` into `model_dir/README.md` and return that path."""
-    rendered = render_card(model_dir, repo_id=repo_id, context_length=context_length)
+    rendered = render_card(model_dir, repo_id=repo_id, context_length=context_length, compare_path=compare_path)
     path = Path(model_dir) / "README.md"
     path.write_text(rendered.text, encoding="utf-8")
     return path
@@ -415,115 +417,123 @@ def _skipped_layers(mask: list, kind: int) -> str:
 # -- evaluation -------------------------------------------------------------------------------------------------
 
 
-def evaluation_records(data, model: str | None = None) -> list[dict]:
-    """
-    Flatten evaluation results into records `{"model", "task", "metric", "value"}`.
+def _evaluation(model_dir: Path, compare_path: Path | None, files: dict) -> dict:
+    """Return the evaluation section: a comparison table from `compare.json`, else this model's `igp_eval.json`."""
+    if compare_path is None and (model_dir / COMPARE_FILE).is_file():
+        compare_path = model_dir / COMPARE_FILE
+    if compare_path is not None:
+        comparison = _read_json(Path(compare_path), required=True)
+        table, intro = _comparison_table(comparison, model_dir)
+        if table is not None:
+            files[f"{EVALUATION_FOLDER}/{COMPARE_FILE}"] = str(compare_path)
+            images = []
+            for plot in sorted(Path(compare_path).parent.glob("*.png")):
+                path_in_repo = f"{EVALUATION_FOLDER}/{plot.name}"
+                files[path_in_repo] = str(plot)
+                images.append({"path": path_in_repo, "title": _title(plot.stem)})
+            return {"evaluation_table": table, "evaluation_intro": intro, "evaluation_images": images}
+        logger.warning("Leaving %s out of the card: it lists no evaluated models.", compare_path)
 
-    Accepted shapes:
-
-    - a list of records with `model` (or `label`), `task` (or `dataset`), `metric` and `value`;
-    - a dict with such a list under `results`;
-    - a dict with `model` and `results` as `{task: {metric: value}}`, the layout of lm-eval. Metric names such as
-      `acc,none` lose their filter suffix;
-    - `{model: {task: {metric: value}}}` or `{model: {task: value}}`.
-
-    Standard errors and values that are not finite numbers are dropped.
-    """
-    records = []
-    if isinstance(data, list):
-        for item in data:
-            if not isinstance(item, dict):
-                continue
-            label = _first(item, "model", "label", "method") or model
-            task = _first(item, "task", "dataset", "benchmark")
-            metric = _first(item, "metric") or "value"
-            value = _first(item, "value", "score")
-            if label and task and _is_number(value):
-                records.append({"model": str(label), "task": str(task), "metric": str(metric), "value": value})
-        return records
-    if not isinstance(data, dict):
-        return records
-
-    if "results" in data:
-        label = _first(data, "model", "label", "model_name") or model
-        results = data["results"]
-        if isinstance(results, list):
-            return evaluation_records(results, model=label)
-        if isinstance(results, dict) and label:
-            return evaluation_records({label: results})
-        return records
-
-    for label, tasks in data.items():
-        if not isinstance(tasks, dict):
-            continue
-        for task, metrics in tasks.items():
-            if _is_number(metrics):
-                records.append({"model": str(label), "task": str(task), "metric": "value", "value": metrics})
-            elif isinstance(metrics, dict):
-                for metric, value in metrics.items():
-                    metric = str(metric).split(",")[0]
-                    if "stderr" not in metric and _is_number(value):
-                        records.append({"model": str(label), "task": str(task), "metric": metric, "value": value})
-    return records
+    result = _read_json(model_dir / EVAL_FILE, required=False)
+    table = _result_table(result) if isinstance(result, dict) else None
+    if table is None:
+        return {"evaluation_table": None, "evaluation_intro": None, "evaluation_images": []}
+    files[EVAL_FILE] = str(model_dir / EVAL_FILE)
+    intro = (
+        f"Results of this model alone, from [{EVAL_FILE}]({EVAL_FILE}). Run `igp compare` on this model, the dense "
+        "model and static baselines, then pass its compare.json to `igp card --compare`, for a comparison."
+    )
+    return {"evaluation_table": table, "evaluation_intro": intro, "evaluation_images": []}
 
 
-def _evaluation(run: dict, model_dir: Path, files: dict) -> dict:
-    records = evaluation_records(run.get("evaluation")) if run.get("evaluation") else []
-    for path in _evaluation_files(model_dir):
-        try:
-            found = evaluation_records(_read_json(path, required=True))
-        except ValueError as error:
-            logger.warning("Leaving the evaluation file %s out of the card: %s", path, error)
-            continue
-        if not found:
-            logger.warning("Leaving the evaluation file %s out of the card: no numeric results in a known layout.", path)
-            continue
-        records += found
-        files[path.relative_to(model_dir).as_posix()] = str(path)
-    if not records:
-        return {"evaluation_table": None, "evaluation_intro": None}
+def _comparison_table(comparison: dict, model_dir: Path) -> tuple[dict | None, str | None]:
+    """Build one column per compared model and one row per figure from the content of `compare.json`."""
+    if not isinstance(comparison, dict) or not isinstance(comparison.get("models"), list):
+        return None, None
+    models = [row for row in comparison["models"] if isinstance(row, dict)]
+    if not models:
+        return None, None
+    main_metric = comparison.get("main_metric") if isinstance(comparison.get("main_metric"), dict) else {}
 
-    labels = list(dict.fromkeys(record["model"] for record in records))
-    groups = {role: [label for label in labels if _role(label) == role] for role in ("pruned", "dense", "baseline")}
-    columns = groups["pruned"] + groups["dense"] + groups["baseline"]
+    this_model = next((row for row in models if _same_model(row, model_dir)), None)
+    dense = [row for row in models if row.get("method") == "dense" and row is not this_model]
+    others = [row for row in models if row is not this_model and row not in dense]
+    columns = ([this_model] if this_model else []) + dense + others
+    header = ["Figure"] + [_column_label(row, row is this_model) for row in columns]
 
-    values = {(record["task"], record["metric"], record["model"]): record["value"] for record in records}
-    keys = list(dict.fromkeys((record["task"], record["metric"]) for record in records))
-    rows = [[_cell(task), _cell(metric)] + [_number(values.get((task, metric, label))) for label in columns]
-            for task, metric in keys]
+    rows = [["Blocks skipped"] + [_percent_or_dash(row.get("sparsity_blocks")) for row in columns]]
+    for domain in _keys(columns, "perplexity"):
+        rows.append([f"Perplexity, {_cell(domain)}"] + [_number(_get(row, "perplexity", domain)) for row in columns])
+    for task in _keys(columns, "accuracy"):
+        metric = main_metric.get(task, "accuracy")
+        rows.append([f"{_cell(task)} ({_cell(metric)}), %"]
+                    + [_scaled(_get(row, "accuracy", task), 100) for row in columns])
+    if any(_is_number(row.get("mean_accuracy")) for row in columns):
+        rows.append(["Mean accuracy, %"] + [_scaled(row.get("mean_accuracy"), 100) for row in columns])
+    for batch in ("batch_1", "batch_8"):
+        values = [_get(row.get("speed"), batch, "decode_tokens_per_s") for row in columns]
+        if any(_is_number(value) for value in values):
+            label = f"Decode tokens/s, batch {batch.split('_')[1]}"
+            rows.append([label] + [f"{value:.0f}" if _is_number(value) else "–" for value in values])
 
-    parts = []
-    if groups["pruned"]:
-        parts.append(f"{_quoted(groups['pruned'])}: this model")
-    if groups["dense"]:
-        parts.append(f"{_quoted(groups['dense'])}: the dense base model")
-    if groups["baseline"]:
-        parts.append(f"{_quoted(groups['baseline'])}: static baselines (one mask for every input)")
-    intro = "Columns: " + "; ".join(parts) + ". A dash marks a result that was not measured."
-    return {
-        "evaluation_table": {"header": ["Task", "Metric"] + [_cell(label) for label in columns], "rows": rows},
-        "evaluation_intro": intro,
-    }
-
-
-def _evaluation_files(model_dir: Path) -> list[Path]:
-    paths = [model_dir / name for name in EVALUATION_FILES]
-    for folder in EVALUATION_FOLDERS:
-        paths += sorted((model_dir / folder).glob("*.json"))
-    return [path for path in dict.fromkeys(paths) if path.is_file()]
+    intro = (
+        "Against the dense base model and static baselines (one mask for every input), evaluated together by "
+        "`igp eval` and `igp compare` on the same held-out text. Perplexity: lower is better; accuracy: higher "
+        "is better. A dash marks a figure that was not measured."
+    )
+    if this_model is None:
+        intro += " This checkpoint itself is not among the compared models."
+    return {"header": header, "rows": rows}, intro
 
 
-def _role(label: str) -> str:
-    lowered = label.lower()
-    if lowered.startswith(PRUNED_MODEL_LABELS):
-        return "pruned"
-    if lowered.startswith(DENSE_MODEL_LABELS):
-        return "dense"
-    return "baseline"
+def _result_table(result: dict) -> dict | None:
+    """Build a Figure | Value table from this model's `igp_eval.json`."""
+    rows = []
+    for domain, entry in (result.get("perplexity") or {}).items():
+        if _is_number(_get(entry, "perplexity")):
+            rows.append([f"Perplexity, {_cell(domain)}", _number(entry["perplexity"])])
+    for task, entry in (result.get("zero_shot") or {}).items():
+        for metric in ("acc", "acc_norm"):
+            if _is_number(_get(entry, metric)):
+                rows.append([f"{_cell(task)} ({metric}), %", _scaled(entry[metric], 100)])
+    for batch in ("batch_1", "batch_8"):
+        value = _get(result.get("speed"), batch, "decode_tokens_per_s")
+        if _is_number(value):
+            rows.append([f"Decode tokens/s, batch {batch.split('_')[1]}", f"{value:.0f}"])
+    return {"header": ["Figure", "Value"], "rows": rows} if rows else None
 
 
-def _quoted(labels: list[str]) -> str:
-    return ", ".join(f"`{_cell(label)}`" for label in labels)
+def _same_model(row: dict, model_dir: Path) -> bool:
+    path = row.get("path")
+    if isinstance(path, str) and Path(path).exists():
+        return Path(path).resolve() == model_dir.resolve()
+    return row.get("name") == model_dir.resolve().name
+
+
+def _column_label(row: dict, is_this_model: bool) -> str:
+    name = _cell(row.get("name") or "model")
+    method = row.get("method")
+    label = f"{name} ({_cell(method)})" if method and method != name else name
+    return f"**{label}, this model**" if is_this_model else label
+
+
+def _keys(rows: list[dict], field: str) -> list[str]:
+    """Return the keys of `row[field]` over all rows, in order of first appearance."""
+    keys = []
+    for row in rows:
+        values = row.get(field)
+        if isinstance(values, dict):
+            keys += [key for key in values if key not in keys]
+    return keys
+
+
+def _get(mapping, *keys):
+    """Return `mapping[k1][k2]...`, or None where a level is missing or not a dict."""
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
 
 
 # -- settings, timings, versions, images ------------------------------------------------------------------------
@@ -577,9 +587,8 @@ def _images(run: dict, model_dir: Path) -> list[dict]:
         if relative is None or relative in seen or not relative.lower().endswith((".png", ".jpg", ".jpeg", ".svg")):
             continue
         seen.add(relative)
-        title = Path(relative).stem.replace("_", " ").replace("-", " ")
         is_mask_bank = relative == MASK_BANK_IMAGE or "mask_bank" in name
-        images.append({"path": relative, "title": title[:1].upper() + title[1:], "is_mask_bank": is_mask_bank})
+        images.append({"path": relative, "title": _title(Path(relative).stem), "is_mask_bank": is_mask_bank})
     # Only one image is shown as the mask bank; any other is shown with the training plots.
     first = next((image for image in images if image["is_mask_bank"]), None)
     for image in images:
@@ -688,8 +697,22 @@ def _number(value) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4g}"
 
 
+def _scaled(value, scale: float) -> str:
+    return f"{value * scale:.1f}" if _is_number(value) else "–"
+
+
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:.1f}%"
+
+
+def _percent_or_dash(fraction) -> str:
+    return _percent(fraction) if _is_number(fraction) else "–"
+
+
+def _title(stem: str) -> str:
+    """Turn a file stem such as `training_curves` into a title such as `Training curves`."""
+    title = stem.replace("_", " ").replace("-", " ")
+    return title[:1].upper() + title[1:]
 
 
 def _count(number: int) -> str:

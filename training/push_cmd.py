@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to; created from main if missing")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", default=None, help="commit message (default: Upload IGPruningForCausalLM)")
+    parser.add_argument("--compare", default=None, metavar="FILE",
+                        help="compare.json written by `igp compare` for this model, the dense model and baselines, "
+                             "shown as the card's evaluation table (default: DIR/compare.json if present)")
     parser.add_argument("--context-length", type=int, default=None,
                         help="context length in tokens for the FLOP sparsity in the card (default: the run's)")
     parser.add_argument("--keep-readme", action="store_true",
@@ -46,6 +49,8 @@ def run(args) -> int:
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} has no config.json; give the folder written by `igp prune` or save_pretrained.")
+    if args.compare is not None and not Path(args.compare).is_file():
+        raise UsageError(f"--compare {args.compare} is not a file; give the compare.json that `igp compare` wrote.")
     if args.context_length is not None and args.context_length < 1:
         raise UsageError(f"--context-length must be a positive number of tokens, got {args.context_length}.")
     if args.keep_readme and not (model_dir / "README.md").is_file():
@@ -59,7 +64,8 @@ def run(args) -> int:
     model_card, extra_files = None, None
     if not args.keep_readme:
         try:
-            rendered = render_card(model_dir, repo_id=args.repo_id, context_length=args.context_length)
+            rendered = render_card(model_dir, repo_id=args.repo_id, context_length=args.context_length,
+                                   compare_path=args.compare)
         except ValueError as error:
             raise UsageError(str(error)) from error
         model_card, extra_files = rendered.text, rendered.files
