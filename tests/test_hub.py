@@ -589,67 +589,24 @@ def test_card_without_run_record(light_dir):
     assert rendered.files == {}
 
 
-def test_card_compares_with_baselines(light_dir, tmp_path):
-    # The layout `igp compare` writes: one row per evaluated model folder.
-    compare_dir = tmp_path / "igp-compare"
-    compare_dir.mkdir()
-    comparison = {
-        "models": [
-            {"name": "dense", "path": "/elsewhere/dense", "method": "dense", "sparsity_blocks": 0.0,
-             "perplexity": {"wikitext2": 27.5, "gsm8k": 4.125}, "accuracy": {"arc_easy": 0.4712, "piqa": 0.6},
-             "mean_accuracy": 0.5356, "speed": {"batch_1": {"decode_tokens_per_s": 41.7}}},
-            {"name": "shortgpt", "path": "/elsewhere/shortgpt", "method": "static", "sparsity_blocks": 0.25,
-             "perplexity": {"wikitext2": 35.25}, "accuracy": {"arc_easy": 0.41}, "mean_accuracy": None,
-             "speed": None},
-            {"name": light_dir.name, "path": str(light_dir), "method": "igp-N3", "sparsity_blocks": 0.2917,
-             "perplexity": {"wikitext2": 31.4159, "gsm8k": 5.0}, "accuracy": {"arc_easy": 0.4521, "piqa": 0.58},
-             "mean_accuracy": 0.51605, "speed": {"batch_1": {"decode_tokens_per_s": 52.2}}},
-        ],
-        "main_metric": {"arc_easy": "acc_norm", "piqa": "acc_norm"},
+def test_card_evaluation_table(light_dir):
+    results = {
+        "igp": {"wikitext2": {"perplexity": 31.4159}, "arc_easy": {"acc,none": 0.4521, "acc_stderr,none": 0.01}},
+        "dense": {"wikitext2": {"perplexity": 27.5}, "arc_easy": {"acc,none": 0.4712}},
+        "shortgpt": {"wikitext2": {"perplexity": 35.25}},
     }
-    (compare_dir / "compare.json").write_text(json.dumps(comparison))
-    save_plot(compare_dir / "accuracy_vs_sparsity.png")
-
-    rendered = render_card(light_dir, compare_path=compare_dir / "compare.json")
-
-    text = rendered.text
-    assert "## Evaluation" in text
-    header = f"| Figure | **{light_dir.name} (igp-N3), this model** | dense | shortgpt (static) |"
-    assert table_rows(text, header) == [
-        ["Blocks skipped", "29.2%", "0.0%", "25.0%"],
-        ["Perplexity, wikitext2", "31.42", "27.5", "35.25"],
-        ["Perplexity, gsm8k", "5", "4.125", "–"],
-        ["arc_easy (acc_norm), %", "45.2", "47.1", "41.0"],
-        ["piqa (acc_norm), %", "58.0", "60.0", "–"],
-        ["Mean accuracy, %", "51.6", "53.6", "–"],
-        ["Decode tokens/s, batch 1", "52", "42", "–"],
-    ]
-    assert "None" not in text
-    assert "![Accuracy vs sparsity](evaluation/accuracy_vs_sparsity.png)" in text
-    assert rendered.files["evaluation/compare.json"] == str(compare_dir / "compare.json")
-    assert rendered.files["evaluation/accuracy_vs_sparsity.png"] == str(compare_dir / "accuracy_vs_sparsity.png")
-
-
-def test_card_shows_own_evaluation(light_dir):
-    # The layout `igp eval` writes beside the model.
-    result = {
-        "model": str(light_dir),
-        "perplexity": {"wikitext2": {"perplexity": 31.4159, "num_tokens": 2048, "clusters": {"0": 3}}},
-        "zero_shot": {"arc_easy": {"acc": 0.5, "acc_norm": 0.4521, "acc_stderr": 0.01, "num_docs": 100}},
-        "speed": None,
-    }
-    (light_dir / "igp_eval.json").write_text(json.dumps(result))
+    (light_dir / "eval_results.json").write_text(json.dumps(results))
 
     rendered = render_card(light_dir)
 
-    assert table_rows(rendered.text, "| Figure | Value |") == [
-        ["Perplexity, wikitext2", "31.42"],
-        ["arc_easy (acc), %", "50.0"],
-        ["arc_easy (acc_norm), %", "45.2"],
+    assert "## Evaluation" in rendered.text
+    rows = table_rows(rendered.text, "| Task | Metric | igp | dense | shortgpt |")
+    assert rows == [
+        ["wikitext2", "perplexity", "31.42", "27.5", "35.25"],
+        ["arc_easy", "acc", "0.4521", "0.4712", "–"],
     ]
-    assert "None" not in rendered.text
-    assert "[igp_eval.json](igp_eval.json)" in rendered.text
-    assert rendered.files["igp_eval.json"] == str(light_dir / "igp_eval.json")
+    assert "`shortgpt`: static baselines" in rendered.text
+    assert rendered.files["eval_results.json"] == str(light_dir / "eval_results.json")
 
 
 def test_card_rejects_invalid_folders(tmp_path, light_dir):

@@ -21,7 +21,6 @@ from igp_training.l0 import (
     binarize,
     learn_masks,
     pad_batch,
-    save_history_plot,
 )
 from igp_training.sparsity import block_costs
 
@@ -308,10 +307,6 @@ def test_resume_continues_exactly(tmp_path):
     summary = json.loads((tmp_path / "parts" / "mask_learning.json").read_text())
     assert summary["mask_bank"] == resumed.mask_bank
 
-    plot = tmp_path / "history.png"
-    save_history_plot(resumed.history, plot)
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
 
 def test_stock_trainer_trains_objective(tmp_path):
     base = tiny_base("llama")
@@ -334,9 +329,7 @@ def test_stock_trainer_trains_objective(tmp_path):
     assert bool((objective.lambda_1 < 0).all())
     assert bool((objective.lambda_2 > config.init_lambda_2).all())
     assert not torch.equal(objective.gates.log_alpha, start)
-    history = [entry["mask_learning"] for entry in trainer.state.log_history if "mask_learning" in entry]
-    assert len(history) == 2
-    assert all(record["task_loss"] > 0 for record in history)
+    assert len([entry for entry in trainer.state.log_history if "mask_learning" in entry]) == 2
 
 
 # -- binarisation ----------------------------------------------------------------------------------------------------
