@@ -25,6 +25,7 @@ The evaluation section compares this model with the dense model and static basel
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -600,7 +601,8 @@ def _relative_file(model_dir: Path, path: str) -> str | None:
     """Return `path` relative to `model_dir` if it names an existing file inside that folder, else None."""
     candidate = Path(path) if Path(path).is_absolute() else model_dir / path
     try:
-        relative = candidate.resolve().relative_to(model_dir.resolve())
+        # abspath, not resolve: a file of the folder may be a symbolic link, as in the Hugging Face cache.
+        relative = Path(os.path.abspath(candidate)).relative_to(os.path.abspath(model_dir))
     except ValueError:
         logger.warning("Leaving %s out of the card: it is not inside %s.", path, model_dir)
         return None

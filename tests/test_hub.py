@@ -385,6 +385,22 @@ def test_igp_push_uploads_card_plots_and_run_record(pushed):
     assert links <= set(paths)
 
 
+def test_igp_push_keeps_reviewed_readme(run_dir, hub, tmp_path):
+    folder = tmp_path / "reviewed"
+    shutil.copytree(run_dir, folder, copy_function=os.symlink)
+    assert igp_main(["card", str(folder), "--repo-id", "test-org/tiny-igp"]) == 0
+    reviewed = (folder / "README.md").read_text() + "\nReviewed by hand.\n"
+    (folder / "README.md").write_text(reviewed)
+
+    status = igp_main(["push", str(folder), "--repo-id", "test-org/tiny-igp", "--keep-readme"])
+
+    assert status == 0
+    assert (hub.repo_dir / "README.md").read_text() == reviewed
+    paths = set(hub.commit["paths"])
+    assert {"mask_bank.png", "training_curves.png", "igp_run.json"} <= paths
+    assert relative_links(reviewed) <= paths
+
+
 # Runs in a fresh interpreter: imports of this project fail, as on a machine with only torch and transformers.
 LOAD_SCRIPT = textwrap.dedent(
     """
@@ -589,24 +605,67 @@ def test_card_without_run_record(light_dir):
     assert rendered.files == {}
 
 
-def test_card_evaluation_table(light_dir):
-    results = {
-        "igp": {"wikitext2": {"perplexity": 31.4159}, "arc_easy": {"acc,none": 0.4521, "acc_stderr,none": 0.01}},
-        "dense": {"wikitext2": {"perplexity": 27.5}, "arc_easy": {"acc,none": 0.4712}},
-        "shortgpt": {"wikitext2": {"perplexity": 35.25}},
+def test_card_compares_with_baselines(light_dir, tmp_path):
+    # The layout `igp compare` writes: one row per evaluated model folder.
+    compare_dir = tmp_path / "igp-compare"
+    compare_dir.mkdir()
+    comparison = {
+        "models": [
+            {"name": "dense", "path": "/elsewhere/dense", "method": "dense", "sparsity_blocks": 0.0,
+             "perplexity": {"wikitext2": 27.5, "gsm8k": 4.125}, "accuracy": {"arc_easy": 0.4712, "piqa": 0.6},
+             "mean_accuracy": 0.5356, "speed": {"batch_1": {"decode_tokens_per_s": 41.7}}},
+            {"name": "shortgpt", "path": "/elsewhere/shortgpt", "method": "static", "sparsity_blocks": 0.25,
+             "perplexity": {"wikitext2": 35.25}, "accuracy": {"arc_easy": 0.41}, "mean_accuracy": None,
+             "speed": None},
+            {"name": light_dir.name, "path": str(light_dir), "method": "igp-N3", "sparsity_blocks": 0.2917,
+             "perplexity": {"wikitext2": 31.4159, "gsm8k": 5.0}, "accuracy": {"arc_easy": 0.4521, "piqa": 0.58},
+             "mean_accuracy": 0.51605, "speed": {"batch_1": {"decode_tokens_per_s": 52.2}}},
+        ],
+        "main_metric": {"arc_easy": "acc_norm", "piqa": "acc_norm"},
     }
-    (light_dir / "eval_results.json").write_text(json.dumps(results))
+    (compare_dir / "compare.json").write_text(json.dumps(comparison))
+    save_plot(compare_dir / "accuracy_vs_sparsity.png")
+
+    rendered = render_card(light_dir, compare_path=compare_dir / "compare.json")
+
+    text = rendered.text
+    assert "## Evaluation" in text
+    header = f"| Figure | **{light_dir.name} (igp-N3), this model** | dense | shortgpt (static) |"
+    assert table_rows(text, header) == [
+        ["Blocks skipped", "29.2%", "0.0%", "25.0%"],
+        ["Perplexity, wikitext2", "31.42", "27.5", "35.25"],
+        ["Perplexity, gsm8k", "5", "4.125", "–"],
+        ["arc_easy (acc_norm), %", "45.2", "47.1", "41.0"],
+        ["piqa (acc_norm), %", "58.0", "60.0", "–"],
+        ["Mean accuracy, %", "51.6", "53.6", "–"],
+        ["Decode tokens/s, batch 1", "52", "42", "–"],
+    ]
+    assert "None" not in text
+    assert "![Accuracy vs sparsity](evaluation/accuracy_vs_sparsity.png)" in text
+    assert rendered.files["evaluation/compare.json"] == str(compare_dir / "compare.json")
+    assert rendered.files["evaluation/accuracy_vs_sparsity.png"] == str(compare_dir / "accuracy_vs_sparsity.png")
+
+
+def test_card_shows_own_evaluation(light_dir):
+    # The layout `igp eval` writes beside the model.
+    result = {
+        "model": str(light_dir),
+        "perplexity": {"wikitext2": {"perplexity": 31.4159, "num_tokens": 2048, "clusters": {"0": 3}}},
+        "zero_shot": {"arc_easy": {"acc": 0.5, "acc_norm": 0.4521, "acc_stderr": 0.01, "num_docs": 100}},
+        "speed": None,
+    }
+    (light_dir / "igp_eval.json").write_text(json.dumps(result))
 
     rendered = render_card(light_dir)
 
-    assert "## Evaluation" in rendered.text
-    rows = table_rows(rendered.text, "| Task | Metric | igp | dense | shortgpt |")
-    assert rows == [
-        ["wikitext2", "perplexity", "31.42", "27.5", "35.25"],
-        ["arc_easy", "acc", "0.4521", "0.4712", "–"],
+    assert table_rows(rendered.text, "| Figure | Value |") == [
+        ["Perplexity, wikitext2", "31.42"],
+        ["arc_easy (acc), %", "50.0"],
+        ["arc_easy (acc_norm), %", "45.2"],
     ]
-    assert "`shortgpt`: static baselines" in rendered.text
-    assert rendered.files["eval_results.json"] == str(light_dir / "eval_results.json")
+    assert "None" not in rendered.text
+    assert "[igp_eval.json](igp_eval.json)" in rendered.text
+    assert rendered.files["igp_eval.json"] == str(light_dir / "igp_eval.json")
 
 
 def test_card_rejects_invalid_folders(tmp_path, light_dir):
@@ -643,6 +702,17 @@ def test_igp_card_and_push_usage_errors(tmp_path, capsys):
         igp_main(["push", str(tmp_path / "missing"), "--repo-id", "test-org/x"])
     assert error.value.code == 2
     assert "no config.json" in capsys.readouterr().err
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as error:
+        igp_main(["card", str(tmp_path), "--compare", str(tmp_path / "compare.json")])
+    assert error.value.code == 2
+    assert "compare.json" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as error:
+        igp_main(["push", str(tmp_path), "--repo-id", "test-org/x", "--keep-readme"])
+    assert error.value.code == 2
+    assert "README.md" in capsys.readouterr().err
 
 
 def test_igp_push_offline_exits_before_loading(run_dir, monkeypatch, capsys):
