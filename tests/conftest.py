@@ -7,7 +7,13 @@ stream leaves it unchanged exactly, so a skipped block is the identity there, co
 """
 
 import contextlib
+import os
 import random
+
+# The tests use only local files. huggingface_hub reads this when it is first imported, so it is set before the
+# transformers import below.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
@@ -233,14 +239,6 @@ def routed_llama(router, smollm2_tokenizer):
     return model, base
 
 
-@pytest.fixture(autouse=True)
-def _quiet_offline(monkeypatch):
-    # Tests never reach the hub; fail fast instead of retrying a network that is not there.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    yield
-
-
 
 # -- one saved checkpoint shared by the save/load and ecosystem tests ---------------------------------------------------
 
@@ -278,3 +276,11 @@ def saved_checkpoint(tmp_path_factory, checkpoint_base, router, smollm2_tokenize
     path = tmp_path_factory.mktemp("checkpoint") / "igp-tiny-llama"
     model.save_pretrained(path)
     return path, model
+
+
+@pytest.fixture(autouse=True)
+def _offline_environment(monkeypatch):
+    # Restores the offline setting for each test, in case an earlier one removed it, and for the subprocesses a
+    # test starts, which inherit the environment.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
