@@ -77,25 +77,27 @@ class IGPruningHubMixin:
         if getattr(self, "tokenizer", None) is None:
             logger.warning("No tokenizer is attached: the pushed model cannot route prompts in generate().")
 
+        card_text, card_files = self._card_for_hub(model_card, repo_id)
+        if tags:
+            card_text = _add_tags(card_text, tags)
         api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
 
         with tempfile.TemporaryDirectory() as work_dir:
             self.save_pretrained(work_dir, max_shard_size=max_shard_size)
-
-            card_text, card_files = self._card_for_hub(model_card, repo_id)
-            if tags:
-                card_text = _add_tags(card_text, tags)
             with open(os.path.join(work_dir, "README.md"), "w", encoding="utf-8") as handle:
                 handle.write(card_text)
 
             files = _list_files(work_dir)
-            for path_in_repo, local_path in {**card_files, **extra_files}.items():
+            for path_in_repo, local_path in extra_files.items():
                 if path_in_repo in files:
                     raise ValueError(
                         f"extra_files[{path_in_repo!r}] would replace a file written by save_pretrained or the "
                         f"model card. Upload it under another name."
                     )
                 files[path_in_repo] = local_path
+            # Files that a kept README links to; those the model saves itself (config.json, ...) are fresher.
+            for path_in_repo, local_path in card_files.items():
+                files.setdefault(path_in_repo, local_path)
             _warn_missing_links(card_text, files)
 
             operations = [

@@ -283,7 +283,8 @@ def test_push_without_card_writes_config_card(pruned, hub):
 def test_push_keeps_readme_of_source_folder(run_dir, hub, tmp_path):
     folder = tmp_path / "with_readme"
     shutil.copytree(run_dir, folder, copy_function=os.symlink)
-    card = "# Hand-written card\n\n![Mask bank](mask_bank.png)\n\nRun record: [igp_run.json](igp_run.json)\n"
+    card = ("# Hand-written card\n\n![Mask bank](mask_bank.png)\n\nRun record: [igp_run.json](igp_run.json), "
+            "settings: [config.json](config.json)\n")
     (folder / "README.md").write_text(card)
     model = IGPruningForCausalLM.from_pretrained(str(folder))
 
@@ -293,6 +294,7 @@ def test_push_keeps_readme_of_source_folder(run_dir, hub, tmp_path):
     paths = set(hub.commit["paths"])
     assert {"mask_bank.png", "igp_run.json"} <= paths
     assert "training_curves.png" not in paths
+    assert hub.commit["paths"].count("config.json") == 1
 
 
 def test_push_offline_raises_before_saving(pruned, hub, monkeypatch):
