@@ -95,7 +95,7 @@ class IGPruningHubMixin:
                         f"model card. Upload it under another name."
                     )
                 files[path_in_repo] = local_path
-            # Files that a kept README links to; those the model saves itself (config.json, ...) are fresher.
+            # Files that a kept README links to. A file the model saves itself, such as config.json, takes precedence.
             for path_in_repo, local_path in card_files.items():
                 files.setdefault(path_in_repo, local_path)
             _warn_missing_links(card_text, files)
