@@ -93,7 +93,8 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"Unsupported base architecture model_type={model_type!r} ({type(base_model).__name__}): "
-                f"IGPruningForCausalLM supports {', '.join(SUPPORTED_MODEL_TYPES)}. Use a base model of one of these types."
+                f"IGPruningForCausalLM supports {', '.join(SUPPORTED_MODEL_TYPES)}. "
+                "Use a base model of one of these types."
             )
         if not hasattr(base_model, "model") or not hasattr(base_model, "lm_head"):
             raise ValueError(

@@ -91,8 +91,10 @@ class IGPRouter:
         return (embeddings @ centroids.T).argmax(dim=-1)
 
 
-# Files one of which every transformers tokenizer loads its vocabulary from.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+# Vocabulary files of the common tokenizer types: fast (tokenizer.json), WordPiece, BPE and SentencePiece.
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"
+)
 
 
 def _check_tokenizer_files(path: str) -> None:
