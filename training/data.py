@@ -238,12 +238,12 @@ def _is_mix_file(spec: str) -> bool:
 
 
 def _looks_like_local_path(path: str) -> bool:
-    if Path(path).exists():
+    if Path(path).exists() or path.startswith((".", "/", "~")) or "\\" in path:
         return True
-    suffixes = "".join(Path(path).suffixes[-2:]).lower()
-    has_data_suffix = any(suffixes.endswith(suffix) or suffixes.endswith(suffix + compression)
-                          for suffix in FILE_BUILDERS for compression in ("", *COMPRESSION_SUFFIXES))
-    return has_data_suffix or path.startswith((".", "/", "~")) or "\\" in path
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in FILE_BUILDERS
 
 
 # -- loading -----------------------------------------------------------------------------------------------------

@@ -135,8 +135,8 @@ def load_base_model(model: str | None):
             raise FileNotFoundError(f"GGUF file not found: {model}. Give an existing .gguf file, folder or hub name.")
         base, tokenizer = load_gguf(model)
     else:
-        if Path(model).suffix and not Path(model).exists() and os.sep in str(model) and Path(model).parent.exists():
-            raise FileNotFoundError(f"Model path not found: {model}.")
+        if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+            raise FileNotFoundError(f"Model folder not found: {model}.")
         try:
             base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(model)
