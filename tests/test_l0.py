@@ -21,6 +21,7 @@ from igp_training.l0 import (
     binarize,
     learn_masks,
     pad_batch,
+    save_history_plot,
 )
 from igp_training.sparsity import block_costs
 
@@ -85,7 +86,8 @@ def test_gate_probabilities_match_closed_forms():
         assert abs(float((drawn > 0).float().mean()) - nonzero) < 0.01
         assert abs(float((drawn == 1).float().mean()) - one) < 0.01
         assert gates.prob_nonzero()[0, index * 400].item() == pytest.approx(nonzero, rel=1e-5)
-    assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
+    assert float(samples.min()) >= 0.0
+    assert float(samples.max()) <= 1.0
 
 
 def test_expected_sparsity_matches_monte_carlo():
@@ -144,7 +146,7 @@ def test_open_gates_give_dense_losses():
         assert output.task_loss.item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_base_model_is_frozen_and_not_in_state_dict():
+def test_state_dict_excludes_frozen_model():
     base = tiny_base("qwen3")
     objective = L0MaskObjective(base, MaskLearningConfig(init="constant"), num_clusters=3)
     assert not any(parameter.requires_grad for parameter in base.parameters())
@@ -202,7 +204,8 @@ def test_block_influence_init_binarizes_to_static_mask():
 
 
 def test_lagrangian_reaches_target_without_overshoot(tmp_path):
-    # The default recipe on a random tiny model, whose task gradient is mostly noise: the Lagrangian alone holds it.
+    # The default recipe on a random tiny model, whose task gradient is mostly noise, so the Lagrangian alone keeps
+    # the expected sparsity at the target.
     base = tiny_base("llama")
     config = MaskLearningConfig(max_steps=100, batch_size=4, logging_steps=50, influence_examples=8)
     result = learn_masks(base, make_dataset(), config, str(tmp_path))
@@ -299,13 +302,17 @@ def test_resume_continues_exactly(tmp_path):
     assert [record["step"] for record in resumed.history] == list(range(1, 9))
     assert resumed.mask_bank == uninterrupted.mask_bank
 
-    # The checkpoint holds the objective's own state as safetensors and Trainer's files, nothing else.
+    # The checkpoint contains the objective's own state as safetensors and Trainer's files, nothing else.
     assert set(os.listdir(checkpoint)) <= {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                                            "trainer_state.json", "training_args.bin"}
     saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
     assert set(saved) == {"gates.log_alpha", "gates.rows_sampled", "lambda_1", "lambda_2", "initial_sparsity"}
     summary = json.loads((tmp_path / "parts" / "mask_learning.json").read_text())
     assert summary["mask_bank"] == resumed.mask_bank
+
+    plot = tmp_path / "history.png"
+    save_history_plot(resumed.history, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_stock_trainer_trains_objective(tmp_path):
@@ -329,7 +336,9 @@ def test_stock_trainer_trains_objective(tmp_path):
     assert bool((objective.lambda_1 < 0).all())
     assert bool((objective.lambda_2 > config.init_lambda_2).all())
     assert not torch.equal(objective.gates.log_alpha, start)
-    assert len([entry for entry in trainer.state.log_history if "mask_learning" in entry]) == 2
+    history = [entry["mask_learning"] for entry in trainer.state.log_history if "mask_learning" in entry]
+    assert len(history) == 2
+    assert all(record["task_loss"] > 0 for record in history)
 
 
 # -- binarisation ----------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ from its own cluster's distribution, and block k adds `gate_k * block(h)` to the
 
     task loss + sum_c [lambda_1[c] * (s_c - t) + lambda_2[c] * (s_c - t) ** 2]
 
-where s_c is cluster c's expected sparsity (the cost-weighted probability that a gate is exactly zero), t the target
-(warmed up from the initial expected sparsity) and the task loss is next-token cross-entropy or the KL divergence to
-the dense model's next-token distribution. The gates minimise this loss and the multipliers maximise it, which drives
+Here s_c is cluster c's expected sparsity (the cost-weighted probability that a gate is exactly zero) and t is the
+target, warmed up from the initial expected sparsity. The task loss is next-token cross-entropy, or the KL divergence
+from the dense model's next-token distribution. The gates minimise this loss and the multipliers maximise it, which drives
 every cluster's expected sparsity to the target. `binarize` then turns the gate scores into one 0/1 mask per cluster.
 
 `L0MaskObjective` is a plain `nn.Module` whose forward returns the loss, so a `transformers.Trainer` trains it;
@@ -49,9 +49,10 @@ class MaskLearningConfig:
     """
     Settings of one L0 mask-learning run.
 
-    The defaults are the recipe measured on SmolLM2-135M-Instruct (see `BENCHMARKS.md`): Block Influence
-    initialisation, which starts every cluster at the target expected sparsity with the static Block Influence
-    ranking, so the multipliers only have to hold the target while the gates refine the ranking per cluster.
+    The defaults start every cluster from the static Block Influence solution at the target expected sparsity, so the
+    multipliers only have to hold the target while the gates refine the ranking per cluster. A positive initial
+    `lambda_2` and this Block Influence start kept the expected sparsity of tiny random models within 0.01 of the
+    target; `init="constant"` with a target warm-up overshot by several points there.
     """
 
     target_sparsity: float = 0.25
@@ -66,8 +67,8 @@ class MaskLearningConfig:
 
     loss: str = "lm"
     """Task loss: `"lm"` (next-token cross-entropy on the labels) or `"kl"` (KL divergence from the dense model's
-    next-token distribution to the gated model's, on the label positions; the dense logits come from the same frozen
-    model with every block run, under `torch.no_grad`)."""
+    next-token distribution to the gated model's, on the label positions). The dense logits come from the same frozen
+    model with every block run, under `torch.no_grad`, which costs one extra forward pass per step."""
 
     temperature: float = 2.0 / 3.0
     """Hard-concrete temperature beta; lower values give gates closer to 0 or 1."""
@@ -80,8 +81,9 @@ class MaskLearningConfig:
 
     init: str = "block_influence"
     """Initial log-alpha: `"constant"` (`init_log_alpha` for every gate, then the target warms up from the resulting
-    expected sparsity) or `"block_influence"` (gates ranked by Block Influence, shifted so that each cluster starts at
-    exactly the target expected sparsity; binarising before any step gives the static Block Influence mask)."""
+    expected sparsity) or `"block_influence"` (gates ranked by Block Influence and shifted so that each cluster starts
+    at exactly the target expected sparsity). Binarising a Block Influence start gives the static Block Influence
+    mask."""
 
     init_log_alpha: float = 3.0
     """Log-alpha of every gate with `init="constant"`; 3.0 gives P(gate != 0) = 0.99."""
@@ -330,9 +332,9 @@ class L0MaskObjective(nn.Module):
     """
     Frozen causal LM + hard-concrete gates + Lagrange multipliers: the model-side loss of L0 mask learning.
 
-    Its state dict holds only what training changes (`gates.log_alpha`, `lambda_1`, `lambda_2`) and the buffers that
-    make a resumed run exact (`gates.rows_sampled`, `initial_sparsity`); the frozen model is left out, so a Trainer
-    checkpoint stores a few kilobytes.
+    Its state dict contains only what training changes (`gates.log_alpha`, `lambda_1`, `lambda_2`) and the buffers
+    that make a resumed run exact (`gates.rows_sampled`, `initial_sparsity`). The frozen model is left out, so a
+    Trainer checkpoint stores a few kilobytes.
 
     A stock `transformers.Trainer` can train it, given the optimizer from `create_optimizer` (the multipliers are
     maximised) and a `MaskLearningCallback` (the target warm-up follows the Trainer's step); `MaskLearningTrainer`
@@ -411,6 +413,9 @@ class L0MaskObjective(nn.Module):
         self.global_step: int | None = None
         self.warmup_steps: int = 0
         self._warned_no_schedule = False
+        # Token-weighted task loss of the training micro-batches since the last `pop_task_loss`.
+        self._loss_sum = 0.0
+        self._target_count = 0
 
         self.register_state_dict_post_hook(_drop_frozen_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
@@ -440,6 +445,12 @@ class L0MaskObjective(nn.Module):
             return target
         progress = min(1.0, self.global_step / self.warmup_steps)
         return self.initial_sparsity + progress * (target - self.initial_sparsity)
+
+    def pop_task_loss(self) -> float | None:
+        """Return the mean task loss per target token of the training micro-batches since the last call, and reset."""
+        mean = self._loss_sum / self._target_count if self._target_count else None
+        self._loss_sum, self._target_count = 0.0, 0
+        return mean
 
     def expected_sparsity(self) -> torch.Tensor:
         """Return each cluster's expected sparsity [N] in the configured unit."""
@@ -501,6 +512,10 @@ class L0MaskObjective(nn.Module):
         share = num_targets.to(expected.dtype) / denominator
         loss = task_loss + share * lagrangian
 
+        if self.training:
+            self._loss_sum += float(task_sum)
+            self._target_count += int(num_targets)
+
         return MaskLearningOutput(
             loss=loss,
             task_loss=(task_sum / num_targets.clamp(min=1)).detach(),
@@ -523,9 +538,8 @@ class L0MaskObjective(nn.Module):
         return F.kl_div(log_probs, dense_log_probs, log_target=True, reduction="sum")
 
     def create_optimizer(self) -> torch.optim.AdamW:
-        """Return AdamW with two groups: the gates (`lr_gates`, `betas_gates`, minimised) and the multipliers
-        (`lr_lambdas`, `betas_lambdas`, maximised); no weight decay, which would pull log-alpha and the multipliers
-        towards zero."""
+        """Build AdamW with two groups: the gates (`lr_gates`, `betas_gates`, minimised) and the multipliers
+        (`lr_lambdas`, `betas_lambdas`, maximised). Neither has weight decay, which would pull them towards zero."""
         config = self.learning_config
         groups = [
             {"params": [self.gates.log_alpha], "lr": config.lr_gates, "betas": tuple(config.betas_gates),
@@ -574,8 +588,6 @@ class MaskLearningCallback(TrainerCallback):
 
     def __init__(self, objective: L0MaskObjective):
         self.objective = objective
-        self._loss_sum = 0.0
-        self._target_count = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.objective.warmup_steps = round(self.objective.learning_config.target_warmup_fraction * state.max_steps)
@@ -584,31 +596,26 @@ class MaskLearningCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.objective.global_step = state.global_step
 
-    def record_micro_batch(self, outputs: MaskLearningOutput) -> None:
-        """Add one micro-batch's task loss to the running step mean (token-weighted)."""
-        count = int(outputs.num_targets)
-        self._loss_sum += float(outputs.task_loss) * count
-        self._target_count += count
-
     def on_step_end(self, args, state, control, **kwargs):
         objective = self.objective
         with torch.no_grad():
             record = {
-                "task_loss": self._loss_sum / max(self._target_count, 1) if self._target_count else None,
+                "task_loss": objective.pop_task_loss(),
                 "expected_sparsity": objective.expected_sparsity().tolist(),
                 "target": objective.current_target().tolist(),
                 "lambda_1": objective.lambda_1.tolist(),
                 "lambda_2": objective.lambda_2.tolist(),
             }
         state.log_history.append({"step": state.global_step, "mask_learning": record})
-        self._loss_sum, self._target_count = 0.0, 0
 
 
 class MaskLearningTrainer(Trainer):
     """
-    `transformers.Trainer` for an `L0MaskObjective`: AdamW with a gate group and a maximised multiplier group,
-    the target warm-up and per-step history of `MaskLearningCallback`, and the mask-learning metrics in every log
-    (expected sparsity, target and multipliers per cluster, mean task loss since the last log).
+    `transformers.Trainer` for an `L0MaskObjective`.
+
+    It adds AdamW with a gate group and a maximised multiplier group, and the target warm-up and per-step history of
+    `MaskLearningCallback`. Every log gains the expected sparsity, target and multipliers per cluster and the mean task
+    loss since the last log.
 
     Checkpoints hold the objective's state dict (gates, multipliers, noise counter) as safetensors, plus the files
     Trainer itself writes (optimizer, scheduler, RNG state, trainer state, training arguments).
@@ -618,20 +625,13 @@ class MaskLearningTrainer(Trainer):
         if not isinstance(model, L0MaskObjective):
             raise TypeError(f"MaskLearningTrainer trains an L0MaskObjective, got {type(model).__name__}.")
         super().__init__(model=model, args=args, **kwargs)
-        self.mask_learning_callback = MaskLearningCallback(model)
-        self.add_callback(self.mask_learning_callback)
+        self.add_callback(MaskLearningCallback(model))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             # The betas and learning rates come from the MaskLearningConfig, not from TrainingArguments.
             self.optimizer = self.model.create_optimizer()
         return self.optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            self.mask_learning_callback.record_micro_batch(outputs)
-        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -667,8 +667,8 @@ def binarize(gates_or_scores, costs=None, target: float = 0.25, same_count: bool
 
     - Equal costs (unit `blocks`, or `costs=None`): exactly `round(target * 2L)` blocks are skipped per cluster.
     - Unequal costs (units `params`, `flops`): blocks are skipped in ascending score order until the skipped cost
-      reaches `target`, so the skipped fraction is at least `target` and exceeds it by less than the cost of the last
-      block skipped (no skipped block can be run again without falling below the target).
+      reaches `target`. The skipped fraction is then at least `target`, and exceeds it by less than the cost of the
+      last block skipped.
 
     With `same_count=False` the clusters share one budget: all (cluster, block) pairs are ranked by score together,
     and the lowest are skipped until N times the per-cluster budget (in blocks, or in cost) is reached. Clusters
@@ -891,6 +891,30 @@ def learn_masks(
     return result
 
 
+def save_history_plot(history: list[dict], path) -> None:
+    """Plot expected sparsity (with its target) and task loss against steps into a PNG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [record["step"] for record in history]
+    figure, (sparsity_axis, loss_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    num_clusters = len(history[0]["expected_sparsity"]) if history else 0
+    for cluster in range(num_clusters):
+        sparsity_axis.plot(steps, [record["expected_sparsity"][cluster] for record in history], linewidth=1,
+                           label=f"cluster {cluster}" if num_clusters <= 8 else None)
+    sparsity_axis.plot(steps, [record["target"][0] for record in history], "k--", linewidth=1, label="target")
+    sparsity_axis.set_ylabel("expected sparsity")
+    sparsity_axis.legend(fontsize="small")
+    loss_axis.plot(steps, [record["task_loss"] for record in history], linewidth=1)
+    loss_axis.set_ylabel("task loss")
+    loss_axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def pad_batch(rows: list[dict]) -> dict:
     """Collate dataset rows into right-padded tensors: input_ids padded with 0, attention_mask with 0, labels with
     -100, and `cluster_ids` stacked."""
@@ -944,4 +968,5 @@ __all__ = [
     "learn_masks",
     "log_alpha_from_scores",
     "pad_batch",
+    "save_history_plot",
 ]
