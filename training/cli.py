@@ -16,6 +16,9 @@ COMMAND_MODULES = [
     "finetune_cmd",
     "card_cmd",
     "push_cmd",
+    "baseline_cmd",
+    "eval_cmd",
+    "compare_cmd",
 ]
 
 

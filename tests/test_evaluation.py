@@ -1,0 +1,321 @@
+"""Evaluation: perplexity against direct computations, the lm-eval adapter against lm-eval's own `hf` model, the
+offline task configs against the documented dataset sizes, speed figures, and the eval / compare commands.
+
+Models are tiny random Llamas with SmolLM2's vocabulary, so lm-eval tokenises real benchmark text with a real
+tokenizer. The benchmark files come from the data folder (`$IGP_DATA_DIR`, else `../shared/data` from the current
+directory); tests that need them are skipped without it.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import identity_blocks, tiny_base
+from igp_training import cli, evaluation
+from igp_training.evaluation import (
+    HFLM,
+    IGPruningLM,
+    SpeedConfig,
+    ZeroShotConfig,
+    evaluate_perplexity,
+    evaluate_zero_shot,
+    heldout_texts,
+    measure_speed,
+    perplexity,
+    routing_text,
+    seeded_subset,
+)
+from modeling_igp import IGPruningForCausalLM
+
+NUM_LAYERS = 4
+SKIP_MASK = [1, 0, 1, 1, 0, 0, 1, 1]  # layer 0's MLP and all of layer 2 skipped
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    try:
+        return evaluation.resolve_data_dir(None)
+    except FileNotFoundError:
+        pytest.skip("benchmark data folder not found (set IGP_DATA_DIR)")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from igp_training.assets import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    return tiny_base("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def dense(base, tokenizer):
+    return IGPruningForCausalLM.from_base(base, [[1] * (2 * NUM_LAYERS)], tokenizer=tokenizer)
+
+
+def _gsm8k_texts(data_dir, count):
+    return heldout_texts("gsm8k", data_dir)[:count]
+
+
+# -- perplexity ----------------------------------------------------------------------------------------------------
+
+
+def direct_perplexity(model, tokenizer, texts, window, mask=None):
+    """exp(sum of token NLLs / token count), window by window, with the model's own loss on each window alone."""
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), window):
+            chunk = torch.tensor([ids[start : start + window]])
+            if chunk.shape[1] < 2:
+                continue
+            with torch.no_grad():
+                if mask is None:
+                    loss = model(chunk, labels=chunk).loss
+                else:
+                    with identity_blocks(model, mask):
+                        loss = model(chunk, labels=chunk).loss
+            nll += float(loss) * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count), count
+
+
+def test_perplexity_dense_matches_base_loss(dense, base, tokenizer, data_dir):
+    texts = _gsm8k_texts(data_dir, 5)
+    result = perplexity(dense, tokenizer, texts, window=48, batch_size=3)
+    expected, count = direct_perplexity(base, tokenizer, texts, window=48)
+
+    assert result.num_tokens == count
+    assert result.num_texts == 5
+    assert result.perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_static_mask_matches_identity_reference(base, tokenizer, data_dir):
+    model = IGPruningForCausalLM.from_base(base, [SKIP_MASK], tokenizer=tokenizer)
+    texts = _gsm8k_texts(data_dir, 4)
+    result = perplexity(model, tokenizer, texts, window=40, batch_size=4)
+    expected, _ = direct_perplexity(base, tokenizer, texts, window=40, mask=SKIP_MASK)
+
+    assert result.perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_routes_each_text(base, tokenizer, router, data_dir):
+    texts = _gsm8k_texts(data_dir, 2) + heldout_texts("github", data_dir)[:2]
+    centroids = router.embed([texts[0], texts[2]])
+    bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
+    model = IGPruningForCausalLM.from_base(base, bank, centroids=centroids, router=router, tokenizer=tokenizer)
+    clusters = router.route(texts, centroids).tolist()
+    result = perplexity(model, tokenizer, texts, window=64, batch_size=3, max_tokens=None)
+
+    nll, count = 0.0, 0
+    for text, cluster in zip(texts, clusters):
+        text_ppl, text_count = direct_perplexity(base, tokenizer, [text], window=64, mask=bank[cluster])
+        nll += math.log(text_ppl) * text_count
+        count += text_count
+    assert sorted(set(clusters)) == [0, 1]
+    assert result.clusters == {"0": clusters.count(0), "1": clusters.count(1)}
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_max_tokens_caps_scored_tokens(dense, tokenizer, data_dir):
+    result = perplexity(dense, tokenizer, _gsm8k_texts(data_dir, 20), window=32, max_tokens=100)
+
+    # 100 tokens in windows of at most 32: every window loses its first token as a target.
+    assert 100 - 2 * math.ceil(100 / 32) <= result.num_tokens <= 100 - math.ceil(100 / 32)
+
+
+def test_heldout_texts_skip_calibration_records(data_dir):
+    tail = heldout_texts("c4", data_dir, num_records=5)
+    shifted = heldout_texts("c4", data_dir, exclude={tail[-1]}, num_records=5)
+
+    assert len(tail) == len(shifted) == 5
+    assert tail[-1] not in shifted
+    assert shifted[1:] == tail[:-1]
+
+
+def test_heldout_wikitext_is_split_into_articles(data_dir):
+    articles = heldout_texts("wikitext2", data_dir)
+
+    assert len(articles) == 62  # the WikiText-2 test split has 62 articles
+    assert articles[0].startswith("= Robert <unk> =")
+
+
+# -- lm-eval adapter --------------------------------------------------------------------------------------------------
+
+ADAPTER_TASKS = ("piqa", "winogrande", "arc_challenge", "lambada")
+
+
+def _loglikelihoods(results):
+    return {task: [sample["loglikelihoods"] for sample in entry["samples"]] for task, entry in results.items()}
+
+
+def _run(lm, data_dir, limit=4, tasks=ADAPTER_TASKS):
+    config = ZeroShotConfig(tasks=tasks, limit=limit, seed=7, batch_size=4, log_samples=True)
+    return evaluate_zero_shot(lm, config, data_dir)
+
+
+def test_adapter_matches_lm_eval_hf_on_dense(dense, base, tokenizer, data_dir):
+    ours = _run(IGPruningLM(pretrained=dense, batch_size=4), data_dir)
+    reference = _run(HFLM(pretrained=base, tokenizer=tokenizer, batch_size=4), data_dir)
+
+    for task in ADAPTER_TASKS:
+        assert ours[task]["doc_ids"] == reference[task]["doc_ids"]
+        assert ours[task]["acc"] == reference[task]["acc"]
+        assert ours[task]["acc_stderr"] == pytest.approx(reference[task]["acc_stderr"])
+        ours_ll, reference_ll = _loglikelihoods(ours)[task], _loglikelihoods(reference)[task]
+        assert torch.allclose(torch.tensor(ours_ll), torch.tensor(reference_ll), atol=1e-4)
+
+
+def test_adapter_scores_every_choice_with_one_mask(base, tokenizer, router, data_dir):
+    # Centroids at the prompts of two PIQA questions, so both clusters receive documents.
+    piqa_docs = [json.loads(line) for line in open(data_dir / "piqa" / "valid.jsonl", encoding="utf-8")]
+    doc_ids = seeded_subset(len(piqa_docs), 4, 7, "piqa")
+    prompts = [f"Question: {piqa_docs[index]['goal']}\nAnswer:" for index in doc_ids[:2]]
+    bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
+    model = IGPruningForCausalLM.from_base(base, bank, centroids=router.embed(prompts), router=router,
+                                           tokenizer=tokenizer)
+    ours = _loglikelihoods(_run(IGPruningLM(pretrained=model, batch_size=4), data_dir, tasks=("piqa", "winogrande")))
+    by_mask = []
+    for mask in bank:
+        with identity_blocks(base, mask):
+            by_mask.append(_loglikelihoods(_run(HFLM(pretrained=base, tokenizer=tokenizer, batch_size=4), data_dir,
+                                                tasks=("piqa", "winogrande"))))
+
+    used = set()
+    for task, documents in ours.items():
+        for index, scores in enumerate(documents):
+            matches = [cluster for cluster in range(2)
+                       if torch.allclose(torch.tensor(scores), torch.tensor(by_mask[cluster][task][index]), atol=1e-4)]
+            assert len(matches) == 1, f"{task} document {index} mixes masks across its choices"
+            used.add(matches[0])
+    assert used == {0, 1}
+
+
+def test_routing_text_uses_shared_part():
+    class Request:
+        def __init__(self, *args):
+            self.args = args
+
+    multiple_choice = [Request("Question: why?\nAnswer:", " because"), Request("Question: why?\nAnswer:", " no")]
+    partial = [Request("The trophy does not fit because the trophy", " is too big."),
+               Request("The trophy does not fit because the suitcase", " is too big.")]
+    single = [Request("He looked at the", " sky")]
+
+    assert routing_text(multiple_choice) == "Question: why?\nAnswer:"
+    assert routing_text(partial) == "The trophy does not fit because the  is too big."
+    assert routing_text(single) == "He looked at the"
+
+
+def test_seeded_subset_is_fixed_per_task():
+    first = seeded_subset(1000, 50, 1234, "piqa")
+
+    assert first == seeded_subset(1000, 50, 1234, "piqa")
+    assert first != seeded_subset(1000, 50, 1234, "boolq")
+    assert first == sorted(set(first))
+    assert len(first) == 50
+    assert seeded_subset(30, 50, 1234, "piqa") == list(range(30))
+
+
+def test_task_configs_load_every_document(data_dir, tmp_path):
+    _, tasks = evaluation.build_tasks(list(evaluation.ZERO_SHOT_TASKS), evaluation.write_task_configs(tmp_path, data_dir))
+    sizes = {name: len(task.eval_docs) for name, task in tasks.items()}
+
+    # Dataset sizes as documented with the data files.
+    assert sizes == {"hellaswag": 10042, "piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267,
+                     "boolq": 3270, "openbookqa": 500, "lambada": 5153}
+    first = tasks["hellaswag"].eval_docs[0]
+    assert first["label"] == 3
+    assert first["choices"][3] == "starts pulling up roofing on a roof."
+    assert tasks["arc_challenge"].eval_docs[0]["id"] == "Mercury_7175875"
+    assert tasks["boolq"].doc_to_target(tasks["boolq"].eval_docs[0]) in (0, 1)
+
+
+def test_evaluation_is_repeatable(dense, tokenizer, data_dir):
+    def run_once():
+        lm = IGPruningLM(pretrained=dense, batch_size=4)
+        zero_shot = evaluate_zero_shot(lm, ZeroShotConfig(tasks=("piqa", "lambada"), limit=3, batch_size=4),
+                                       data_dir)
+        ppl = evaluate_perplexity(dense, tokenizer, ["gsm8k"], data_dir, max_tokens=300, window=64)
+        return zero_shot, ppl
+
+    assert run_once() == run_once()
+
+
+# -- speed --------------------------------------------------------------------------------------------------------
+
+
+def test_measure_speed_counts_cache_of_kept_attention(base, tokenizer):
+    # Layer 2's attention is skipped, so 3 of 4 layers hold keys and values.
+    model = IGPruningForCausalLM.from_base(base, [SKIP_MASK], tokenizer=tokenizer)
+    config = SpeedConfig(prompt_tokens=6, new_tokens=3, batch_sizes=(1, 2))
+    prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26]]
+    result = measure_speed(model, tokenizer, prompts, config)
+
+    text_config = base.config
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    per_token_per_layer = 2 * text_config.num_key_value_heads * head_dim * 4  # keys and values, float32
+    for batch_size in (1, 2):
+        entry = result[f"batch_{batch_size}"]
+        assert entry["kv_cache_bytes"] == 3 * batch_size * (6 + 3) * per_token_per_layer
+        assert entry["prefill_tokens_per_s"] > 0
+        assert entry["decode_tokens_per_s"] > 0
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_models(base, tokenizer, tmp_path_factory):
+    folders = {}
+    for name, mask in (("dense", [1] * (2 * NUM_LAYERS)), ("skip", SKIP_MASK)):
+        folder = tmp_path_factory.mktemp(name)
+        IGPruningForCausalLM.from_base(base, [mask], tokenizer=tokenizer).save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def test_eval_and_compare_commands(saved_models, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["igp", "eval"])
+    models = [str(saved_models["dense"]), str(saved_models["skip"])]
+    status = cli.main(["eval", "--model", *models, "--tasks", "piqa", "--limit", "3", "--ppl", "gsm8k",
+                       "--ppl-max-tokens", "200", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "eval")])
+    first = json.loads((tmp_path / "eval" / f"{saved_models['dense'].name}.json").read_text())
+
+    assert status == 0
+    assert first["zero_shot"]["piqa"]["num_docs"] == 3
+    assert first["perplexity"]["gsm8k"]["num_tokens"] > 0
+
+    # A second run finds every result in place and recomputes nothing.
+    cli.main(["eval", "--model", *models, "--tasks", "piqa", "--limit", "3", "--ppl", "gsm8k",
+              "--ppl-max-tokens", "200", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval" / f"{saved_models['dense'].name}.json").read_text())["zero_shot"] == \
+        first["zero_shot"]
+
+    status = cli.main(["compare", *models, "--eval-dir", str(tmp_path / "eval"), "--output-dir",
+                       str(tmp_path / "compare")])
+    output = capsys.readouterr().out
+    content = json.loads((tmp_path / "compare" / "compare.json").read_text())
+
+    assert status == 0
+    assert "ppl gsm8k" in output
+    assert [row["method"] for row in content["models"]] == ["dense", "static"]
+    assert content["mismatched_perplexity_texts"] == []
+    for name in ("compare.md", "accuracy_vs_sparsity.png", "perplexity.png", "masks.png"):
+        assert (tmp_path / "compare" / name).stat().st_size > 0
+
+
+def test_eval_command_rejects_unknown_task(saved_models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--model", str(saved_models["dense"]), "--tasks", "mmlu"])
+
+    assert exit_info.value.code == 2
+    assert "mmlu" in capsys.readouterr().err
