@@ -262,7 +262,8 @@ class DistillationTrainer(Trainer):
             every block).
         distill_weight, distill_temperature: see `FinetuneConfig`.
 
-    The logs gain `lm_loss` and `distill_loss`, the means of both terms since the previous log.
+    The logs gain `lm_loss` and `distill_loss`: both terms per optimizer step, averaged since the previous log and
+    over every process, on the same scale as Trainer's `loss`.
     """
 
     def __init__(self, *args, teacher=None, distill_weight: float = 0.5, distill_temperature: float = 1.0, **kwargs):
@@ -282,7 +283,7 @@ class DistillationTrainer(Trainer):
             teacher.eval()
             teacher.to(self.args.device)
         self._term_sums = {"lm_loss": 0.0, "distill_loss": 0.0}
-        self._term_count = 0
+        self._term_first_step = None
 
     @torch.no_grad()
     def teacher_logits(self, model, inputs):
@@ -307,24 +308,34 @@ class DistillationTrainer(Trainer):
         )
         loss = (1 - self.distill_weight) * lm_loss + self.distill_weight * kl_loss
 
-        if model.training:
-            self._term_sums["lm_loss"] += float(lm_loss.detach())
-            self._term_sums["distill_loss"] += float(kl_loss.detach())
-            self._term_count += 1
-
         # Both terms are sums over this process's tokens divided by the token count of every process; the
         # data-parallel gradient average divides by the number of processes again, which this factor undoes. The
         # stock compute_loss applies the same factor.
+        scale = 1
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
+            scale = self.accelerator.num_processes
+        loss = loss * scale
+
+        if model.training:
+            # Each micro-batch's share of its optimizer step's value: the terms already are, when divided by the
+            # token count of the accumulated batch; Trainer divides per-micro-batch means by the accumulation steps.
+            share = scale if num_items_in_batch is not None else 1 / self.current_gradient_accumulation_steps
+            if self._term_first_step is None:
+                self._term_first_step = self.state.global_step
+            self._term_sums["lm_loss"] += float(lm_loss.detach()) * share
+            self._term_sums["distill_loss"] += float(kl_loss.detach()) * share
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
-        if self._term_count and "loss" in logs:
-            for name, total in self._term_sums.items():
-                logs[name] = round(total / self._term_count, 4)
+        # Trainer calls log on every process, so the gather below is a collective that all of them join.
+        if "loss" in logs and self._term_first_step is not None and self.state.global_step > self._term_first_step:
+            sums = torch.tensor([list(self._term_sums.values())], dtype=torch.float64, device=self.args.device)
+            sums = self.accelerator.gather(sums).mean(dim=0)
+            steps = self.state.global_step - self._term_first_step
+            for name, total in zip(self._term_sums, sums.tolist()):
+                logs[name] = round(total / steps, 4)
             self._term_sums = dict.fromkeys(self._term_sums, 0.0)
-            self._term_count = 0
+            self._term_first_step = self.state.global_step
         super().log(logs, *args, **kwargs)
 
 

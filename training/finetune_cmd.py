@@ -78,6 +78,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -155,6 +156,9 @@ def run(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         report_to="none",
+        # Without an accelerator, TrainingArguments leaves a torchrun launch undistributed unless use_cpu is set:
+        # every process would then train alone on all the data (transformers 5.25, accelerate 1.16).
+        use_cpu=not torch.accelerator.is_available(),
     )
 
     try:
