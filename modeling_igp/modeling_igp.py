@@ -277,7 +277,7 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
         if use_cache and cache is None:
             cache = IGPruningCache(self.config.num_layers)
         if cache is not None and not hasattr(cache, "bind_rows"):
-            raise TypeError(_unsupported_cache_message(type(cache).__name__))
+            raise ValueError(_unsupported_cache_message(type(cache).__name__))
         past_length = cache.get_seq_length() if cache is not None else 0
 
         if position_ids is None:
