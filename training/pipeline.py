@@ -110,7 +110,7 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        logger.info("Phase %s: started", name)
+        logger.debug("Phase %s: started", name)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
