@@ -159,6 +159,8 @@ def run(args) -> int:
         # Without an accelerator, TrainingArguments leaves a torchrun launch undistributed unless use_cpu is set:
         # every process would then train alone on all the data (transformers 5.25, accelerate 1.16).
         use_cpu=not torch.accelerator.is_available(),
+        # Processes skip different blocks, so DDP must look for unused parameters, with checkpointing as well.
+        ddp_find_unused_parameters=True,
     )
 
     try:
