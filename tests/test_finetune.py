@@ -496,6 +496,7 @@ def single_mask_checkpoint(smollm2_tokenizer, tmp_path):
     """A saved one-mask checkpoint with a tokenizer (no router needed) and a small text file."""
     base = tiny_base("llama", **tokenizer_shapes(smollm2_tokenizer))
     IGPruningForCausalLM.from_base(base, [BANK[2]], tokenizer=smollm2_tokenizer).save_pretrained(tmp_path / "pruned")
+    (tmp_path / "pruned" / "igp_run.json").write_text(json.dumps({"method": "static mask for the test"}))
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(PROMPTS * 4).replace("\n    ", " ") + "\n")
     return tmp_path / "pruned", data
@@ -516,6 +517,9 @@ def test_cli_lora_writes_adapter_and_merged(single_mask_checkpoint, tmp_path):
     assert record["global_step"] == 2
     assert record["train_examples"] == 8
     assert "eval_loss_after" in record
+    # The merged model keeps the pruning record, so `igp eval` still excludes its calibration texts.
+    assert json.loads((output / "merged" / "igp_run.json").read_text())["method"] == "static mask for the test"
+    assert (output / "merged" / "igp_finetune.json").is_file()
 
     adapter_model = AutoModelForCausalLM.from_pretrained(str(output), trust_remote_code=True)
     merged = AutoModelForCausalLM.from_pretrained(str(output / "merged"), trust_remote_code=True)

@@ -184,11 +184,15 @@ def run(args) -> int:
         # Trainer pickles TrainingArguments beside the weights; keep them as JSON instead, like every other file.
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         (output_dir / "training_args.json").write_text(training_args.to_json_string())
+        full_model_dir = output_dir
         if args.merge:
-            merged = merge_adapters(trainer.model)
-            merged.save_pretrained(str(output_dir / "merged"))
-            record["merged"] = str(output_dir / "merged")
-            logger.info("Saved the merged model to %s", output_dir / "merged")
+            full_model_dir = output_dir / "merged"
+            merge_adapters(trainer.model).save_pretrained(str(full_model_dir))
+            record["merged"] = str(full_model_dir)
+            logger.info("Saved the merged model to %s", full_model_dir)
+        if args.merge or not config.uses_lora:
+            copy_run_files(model_dir, full_model_dir)
+            save_record(record, full_model_dir)
         path = save_record(record, output_dir)
         kind = "LoRA adapters" if config.uses_lora else "fine-tuned model"
         print(f"Saved the {kind} to {output_dir} ({record['global_step']} steps, {record['wall_time_s']} s); "
@@ -196,3 +200,16 @@ def run(args) -> int:
         if "eval_loss_after" in record:
             print(f"Held-out loss: {record['eval_loss_before']:.4f} before, {record['eval_loss_after']:.4f} after")
     return 0
+
+
+def copy_run_files(model_dir: Path, target: Path) -> None:
+    """Copy the pruning run record and its plots, which describe the masks the fine-tuned model still uses.
+
+    `igp eval` reads the calibration texts from `igp_run.json` to keep them out of the held-out text, and `igp card`
+    reads the settings and plots.
+    """
+    import shutil
+
+    for path in [model_dir / "igp_run.json", *sorted(model_dir.glob("*.png"))]:
+        if path.is_file() and not (target / path.name).exists():
+            shutil.copy2(path, target / path.name)
