@@ -455,10 +455,11 @@ def build_trainer(model, tokenizer, train_dataset, config: FinetuneConfig, train
 
 def finetune(model, tokenizer, texts, config: FinetuneConfig, training_args, teacher=None, eval_texts=None,
              resume_from_checkpoint=None, student_path=None):
-    """Route, tokenise and fine-tune; return the trained module (a `PeftModel` with LoRA) and a record of the run.
+    """Route, tokenise and fine-tune `model` on `texts`; return the Trainer and a record of the run.
 
-    `teacher` is a teacher path (see `load_teacher`); it is only read when `config.distill_weight > 0`. The record
-    holds the settings, the examples per cluster, the Trainer metrics and the held-out loss before and after.
+    `trainer.model` is the trained module: a `PeftModel` with LoRA, else `model` itself. `teacher` is a teacher path
+    (see `load_teacher`), read only when `config.distill_weight > 0`. The record holds the settings, the examples per
+    cluster, the Trainer metrics and, with `eval_texts`, the held-out loss before and after.
     """
     started = time.perf_counter()
     train_dataset = route_and_tokenize(model, tokenizer, texts, config.max_length)
