@@ -47,6 +47,10 @@ def register(subparsers) -> None:
     parser.add_argument("--speed-repeats", type=int, default=3, help="speed measurements per model (median reported)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the speed measurement")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy decoding steps timed per speed measurement")
+    parser.add_argument("--calibration", default=None, metavar="SPEC",
+                        help="also exclude the texts of this calibration SPEC from the held-out text (the calibration "
+                             "texts named in each model's igp_run.json are always excluded)")
+    parser.add_argument("--calibration-seed", type=int, default=0, help="seed the --calibration texts were drawn with")
     parser.add_argument("--data-dir", default=None,
                         help="benchmark data folder (default: $IGP_DATA_DIR, else ../shared/data from the current "
                              "directory)")
@@ -127,6 +131,13 @@ def run(args) -> int:
     if domains:
         for model_dir in args.model:
             exclude |= evaluation.calibration_texts_of(model_dir)
+        if args.calibration:
+            from .data import load_calibration
+
+            try:
+                exclude |= set(load_calibration(args.calibration, seed=args.calibration_seed).texts)
+            except (ValueError, FileNotFoundError, KeyError) as error:
+                raise UsageError(f"--calibration: {error}") from error
         logger.info("Held-out text excludes %d calibration texts of the %d models", len(exclude), len(args.model))
 
     paths = {model_dir: result_path(model_dir, args.output_dir) for model_dir in args.model}
@@ -178,12 +189,11 @@ def _evaluate_quality(model_dir, path, tasks, domains, exclude, data_dir, args, 
     if todo_tasks:
         start = time.perf_counter()
         lm = _lm_eval_model(model, tokenizer, args.batch_size, evaluation)
-        config = evaluation.ZeroShotConfig(tasks=tuple(todo_tasks), limit=args.limit, seed=args.seed,
-                                           batch_size=args.batch_size)
         # Each task is written as soon as it finishes, so an interrupted run keeps the finished ones.
         for task in todo_tasks:
-            task_config = evaluation.ZeroShotConfig(**dict(config.__dict__, tasks=(task,)))
-            scores = evaluation.evaluate_zero_shot(lm, task_config, data_dir)[task]
+            config = evaluation.ZeroShotConfig(tasks=(task,), limit=args.limit, seed=args.seed,
+                                               batch_size=args.batch_size)
+            scores = evaluation.evaluate_zero_shot(lm, config, data_dir)[task]
             scores["settings"] = zero_shot_settings
             result["zero_shot"][task] = scores
             write_result(result, path)

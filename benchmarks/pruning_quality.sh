@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Static depth-pruning baselines against IG-Pruning on SmolLM2-135M-Instruct: build, evaluate, compare.
+#
+#   bash benchmarks/pruning_quality.sh baselines   # dense, ShortGPT, block Block Influence, random (3 seeds)
+#   bash benchmarks/pruning_quality.sh learned     # static L0 (one cluster) and IG-Pruning with N = 4 and 8
+#   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
+#   bash benchmarks/pruning_quality.sh speed       # speed and memory of every built model, in one run
+#   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots
+#
+# Sparsities 0.125 and 0.25 are rounded to whole layers so that ShortGPT can match them: every method skips 8 or
+# 16 of the 60 blocks (13.3% or 26.7%). All methods calibrate on the same texts (CALIBRATION, seed 0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=${IGP_DATA_DIR:-../shared/data}
+OUT=${OUT:-runs/bench}
+LIMIT=${LIMIT:-100}
+PPL_TOKENS=${PPL_TOKENS:-8192}
+CALIBRATION="$DATA/wikitext2/valid.txt@64,$DATA/gsm8k/train.jsonl:question+answer@64,\
+$DATA/redpajama_sample/sample_c4-rp1.jsonl@64,$DATA/redpajama_sample/sample_stackexchange1.jsonl@64,\
+$DATA/redpajama_sample/sample_github1.jsonl@32"
+IGP=".venv/bin/igp"
+
+build_baselines() {
+    [ -f "$OUT/dense/config.json" ] || $IGP baseline --method dense --output "$OUT/dense"
+    for sparsity in 0.125 0.25; do
+        for method in shortgpt block-bi; do
+            [ -f "$OUT/$method-$sparsity/config.json" ] || \
+                $IGP baseline --method "$method" --sparsity "$sparsity" --calibration "$CALIBRATION" \
+                    --output "$OUT/$method-$sparsity"
+        done
+        for seed in 0 1 2; do
+            [ -f "$OUT/random-$sparsity-seed$seed/config.json" ] || \
+                $IGP baseline --method random --sparsity "$sparsity" --seed "$seed" --output "$OUT/random-$sparsity-seed$seed"
+        done
+    done
+}
+
+build_learned() {
+    # 8/60 and 16/60 of the blocks: the same block counts as the baselines.
+    for sparsity in 0.125 0.25; do
+        blocks=$([ "$sparsity" = 0.125 ] && echo 0.13333334 || echo 0.26666667)
+        [ -f "$OUT/static-l0-$sparsity/config.json" ] || \
+            $IGP baseline --method static-l0 --sparsity "$sparsity" --calibration "$CALIBRATION" \
+                --output "$OUT/static-l0-$sparsity"
+        for clusters in 4 8; do
+            [ -f "$OUT/igp-n$clusters-$sparsity/config.json" ] || \
+                $IGP prune --clusters "$clusters" --sparsity "$blocks" --calibration "$CALIBRATION" \
+                    --output "$OUT/igp-n$clusters-$sparsity" --resume
+        done
+    done
+}
+
+models() {
+    for folder in "$OUT"/*/; do
+        [ -f "$folder/config.json" ] && echo "${folder%/}"
+    done
+}
+
+case "${1:-}" in
+    baselines) build_baselines ;;
+    learned) build_learned ;;
+    eval)
+        $IGP eval --model $(models) --tasks all --limit "$LIMIT" --ppl all --ppl-max-tokens "$PPL_TOKENS" \
+            --calibration "$CALIBRATION" --data-dir "$DATA" --output-dir "$OUT/eval" ;;
+    speed)
+        $IGP eval --model $(models) --tasks none --ppl none --speed --data-dir "$DATA" --output-dir "$OUT/eval" ;;
+    compare)
+        $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ;;
+    *) echo "usage: $0 baselines|learned|eval|speed|compare" >&2; exit 2 ;;
+esac
