@@ -55,10 +55,12 @@ def reference_influence(model, batches, stride):
     for batch in batches:
         states = reference_states(model, batch["input_ids"], batch["attention_mask"])
         tokens = batch["attention_mask"].bool()
-        scores = torch.stack([
-            (1 - torch.nn.functional.cosine_similarity(states[i].double(), states[i + stride].double(), dim=-1))[tokens].sum()
-            for i in range(0, len(states) - 1, stride)
-        ])
+        scores = []
+        for index in range(0, len(states) - 1, stride):
+            before, after = states[index].double(), states[index + stride].double()
+            cosine = torch.nn.functional.cosine_similarity(before, after, dim=-1)
+            scores.append((1 - cosine)[tokens].sum())
+        scores = torch.stack(scores)
         totals = scores if totals is None else totals + scores
         count += int(tokens.sum())
     return totals / count

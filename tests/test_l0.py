@@ -192,7 +192,8 @@ def test_block_influence_init_binarizes_to_static_mask():
         static = [1] * 8
         skipped_cost, skipped_count = 0.0, 0
         for block in scores.argsort().tolist():
-            if (unit == "blocks" and skipped_count == round(target * 8)) or (unit != "blocks" and skipped_cost >= target):
+            reached = skipped_count == round(target * 8) if unit == "blocks" else skipped_cost >= target
+            if reached:
                 break
             static[block] = 0
             skipped_cost += float(costs[block])
@@ -275,7 +276,8 @@ def test_gradient_accumulation_gives_same_update(tmp_path):
     assert torch.allclose(single.lambda_2, accumulated.lambda_2, atol=1e-5)
 
     logged = [entry for entry in trainer.state.log_history if "lm_loss" in entry]
-    assert logged and {"expected_sparsity_0", "expected_sparsity_1", "lambda_1_0", "lambda_2_1", "target"} <= set(logged[0])
+    assert logged
+    assert {"expected_sparsity_0", "expected_sparsity_1", "lambda_1_0", "lambda_2_1", "target"} <= set(logged[0])
 
 
 class StopAt(TrainerCallback):

@@ -45,7 +45,7 @@ def block_influence(model, batches, granularity: str = "block", show_progress: b
     stride = 1 if granularity == "block" else 2
     start = time.perf_counter()
 
-    # The residual stream before block k is the input of the norm that opens it; after the last block it is the
+    # The residual stream before block k is the input of the norm that opens it, and after the last block it is the
     # input of the final norm. Pre-hooks on those norms record the 2L + 1 states x_0 .. x_2L of the stream.
     states: list[torch.Tensor] = []
     norms = []
@@ -90,9 +90,8 @@ def block_influence(model, batches, granularity: str = "block", show_progress: b
 
     if token_count == 0:
         raise ValueError("The calibration batches contain no tokens (empty or fully padded); pass non-empty batches.")
-    logger.info(
-        "Block Influence over %d tokens (%s granularity) in %.1f s", token_count, granularity, time.perf_counter() - start
-    )
+    elapsed = time.perf_counter() - start
+    logger.info("Block Influence over %d tokens (%s granularity) in %.1f s", token_count, granularity, elapsed)
     return totals / token_count
 
 

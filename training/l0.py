@@ -8,8 +8,9 @@ from its own cluster's distribution, and block k adds `gate_k * block(h)` to the
 
 Here s_c is cluster c's expected sparsity (the cost-weighted probability that a gate is exactly zero) and t is the
 target, warmed up from the initial expected sparsity. The task loss is next-token cross-entropy, or the KL divergence
-from the dense model's next-token distribution. The gates minimise this loss and the multipliers maximise it, which drives
-every cluster's expected sparsity to the target. `binarize` then turns the gate scores into one 0/1 mask per cluster.
+from the dense model's next-token distribution. The gates minimise this loss and the multipliers maximise it, which
+drives every cluster's expected sparsity to the target. `binarize` then turns the gate scores into one 0/1 mask per
+cluster.
 
 `L0MaskObjective` is a plain `nn.Module` whose forward returns the loss, so a `transformers.Trainer` trains it;
 `MaskLearningTrainer` adds the optimizer parameter groups, the target schedule and the logged metrics, and
@@ -826,8 +827,10 @@ def learn_masks(
     """
     start = time.perf_counter()
     _check_dataset(train_dataset)
-    cluster_column = [int(cluster) for cluster in train_dataset["cluster_ids"]] if hasattr(
-        train_dataset, "column_names") else [int(train_dataset[index]["cluster_ids"]) for index in range(len(train_dataset))]
+    if hasattr(train_dataset, "column_names"):
+        cluster_column = [int(cluster) for cluster in train_dataset["cluster_ids"]]
+    else:
+        cluster_column = [int(train_dataset[index]["cluster_ids"]) for index in range(len(train_dataset))]
     if num_clusters is None:
         num_clusters = max(cluster_column) + 1
     sizes = torch.bincount(torch.tensor(cluster_column), minlength=num_clusters)

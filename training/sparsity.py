@@ -13,7 +13,7 @@ divided by the cost of all blocks, in one of these units:
   the cost of one decoding step at that context length. Norms, rotary embeddings, softmax, activation functions and
   bias additions are O(hidden_size) per token and are left out.
 
-Embeddings, the final norm and the output projection belong to no block, so block sparsity figures leave them out;
+Embeddings, the final norm and the output projection belong to no block, so block sparsity figures leave them out.
 `sparsity_report` also gives the skipped share of the whole model.
 """
 
@@ -62,7 +62,10 @@ def block_cost_counts(text_config, unit: str = "blocks", context_length: int = D
 
 
 def attention_parameters(text_config) -> int:
-    """Parameters of one attention sub-block: input norm, q/k/v/o projections with their biases, Qwen3 q/k norms."""
+    """Count the parameters of one attention sub-block.
+
+    They are the input norm, the q/k/v/o projections with their biases, and Qwen3's per-head q/k norms.
+    """
     hidden, query_width, key_value_width, head_dim = _attention_shapes(text_config)
     model_type = text_config.model_type
 
@@ -79,7 +82,7 @@ def attention_parameters(text_config) -> int:
 
 
 def mlp_parameters(text_config) -> int:
-    """Parameters of one MLP sub-block: post-attention norm and gate/up/down projections (with Llama's `mlp_bias`)."""
+    """Count the parameters of one MLP sub-block: post-attention norm and gate/up/down projections (with biases)."""
     hidden, intermediate = text_config.hidden_size, text_config.intermediate_size
     weights = 3 * hidden * intermediate
     biases = 2 * intermediate + hidden if getattr(text_config, "mlp_bias", False) else 0
@@ -87,7 +90,7 @@ def mlp_parameters(text_config) -> int:
 
 
 def attention_flops(text_config, attended_keys: int) -> int:
-    """FLOPs of one attention sub-block for one token attending to `attended_keys` keys (matrix products only)."""
+    """Count the matrix-product FLOPs of one attention sub-block for one token attending to `attended_keys` keys."""
     hidden, query_width, key_value_width, _ = _attention_shapes(text_config)
     projections = 2 * (hidden * query_width + 2 * hidden * key_value_width + query_width * hidden)
     # QK^T and AV: each query head takes a dot product with every key, then a weighted sum of every value.
@@ -96,7 +99,7 @@ def attention_flops(text_config, attended_keys: int) -> int:
 
 
 def mlp_flops(text_config) -> int:
-    """FLOPs of one MLP sub-block for one token (gate, up and down projections)."""
+    """Count the FLOPs of one MLP sub-block for one token (gate, up and down projections)."""
     return 2 * 3 * text_config.hidden_size * text_config.intermediate_size
 
 
@@ -133,7 +136,8 @@ def sparsity_report(mask, text_config, context_length: int = DEFAULT_CONTEXT_LEN
 
     # Shares of the whole model: the parts outside the blocks never skip.
     parameter_counts = block_cost_counts(text_config, "params")
-    report["params_of_model"] = ((skipped @ parameter_counts) / _model_parameters(text_config, parameter_counts)).tolist()
+    model_parameters = _model_parameters(text_config, parameter_counts)
+    report["params_of_model"] = ((skipped @ parameter_counts) / model_parameters).tolist()
     flop_counts = block_cost_counts(text_config, "flops", context_length)
     output_projection_flops = 2 * text_config.hidden_size * text_config.vocab_size
     report["flops_of_model"] = ((skipped @ flop_counts) / (flop_counts.sum() + output_projection_flops)).tolist()
