@@ -59,7 +59,7 @@ def quick_config(**overrides):
 def training_args(output_dir, **overrides):
     settings = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4, report_to="none",
                     max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", seed=0,
-                    remove_unused_columns=False)
+                    remove_unused_columns=False, dataloader_pin_memory=False)
     settings.update(overrides)
     return TrainingArguments(**settings)
 

@@ -518,7 +518,7 @@ class L0MaskObjective(nn.Module):
         loss = task_loss + share * lagrangian
 
         if self.training:
-            self._loss_sum += float(task_sum)
+            self._loss_sum += float(task_sum.detach())
             self._target_count += int(num_targets)
 
         return MaskLearningOutput(
