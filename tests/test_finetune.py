@@ -293,13 +293,13 @@ def test_trainer_step_leaves_skipped_blocks_unchanged(routed_model, smollm2_toke
 
 def test_lora_finetune_lowers_loss(routed_model, smollm2_tokenizer, tmp_path):
     model, _ = routed_model
-    texts = real_texts(8)
-    dataset = route_and_tokenize(model, smollm2_tokenizer, texts, max_length=48)
+    texts = real_texts(4)
+    dataset = route_and_tokenize(model, smollm2_tokenizer, texts, max_length=32)
     assert len(set(dataset["cluster_ids"])) >= 2, "the data should train more than one mask"
     config = FinetuneConfig(lora_r=8, lora_dropout=0.0)
 
     trainer = build_trainer(prepare_model(model, config), smollm2_tokenizer, dataset, config,
-                            training_args(tmp_path), eval_dataset=dataset)
+                            training_args(tmp_path, max_steps=6), eval_dataset=dataset)
     loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     loss_after = trainer.evaluate()["eval_loss"]
