@@ -551,3 +551,30 @@ def test_cli_rejects_missing_model(tmp_path, capsys):
         main(["finetune", "--model", str(tmp_path / "nowhere"), "--data", "default", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_resume_continues_exactly(smollm2_tokenizer, tmp_path):
+    """Stopping after 2 of 4 steps and resuming from the checkpoint gives the weights of an uninterrupted run."""
+    texts = PROMPTS + [text.upper() for text in PROMPTS] + [text.lower() for text in PROMPTS][:2]
+    config = FinetuneConfig(lora_r=4, lora_dropout=0.0)
+
+    def trainer_for(output_dir, max_steps):
+        base = tiny_base("llama", **tokenizer_shapes(smollm2_tokenizer))
+        model = IGPruningForCausalLM.from_base(base, [BANK[1]])
+        dataset = route_and_tokenize(model, smollm2_tokenizer, texts, max_length=16)
+        args = training_args(tmp_path, output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2,
+                             save_strategy="steps", save_steps=2, learning_rate=1e-2)
+        return build_trainer(prepare_model(model, config), smollm2_tokenizer, dataset, config, args)
+
+    straight = trainer_for(tmp_path / "straight", 4)
+    straight.train()
+
+    trainer_for(tmp_path / "interrupted", 2).train()
+    resumed = trainer_for(tmp_path / "interrupted", 4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-2"))
+
+    assert resumed.state.global_step == 4
+    expected = {name: parameter for name, parameter in straight.model.named_parameters() if parameter.requires_grad}
+    for name, parameter in resumed.model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter, expected[name], atol=0, rtol=0, msg=name)
