@@ -14,6 +14,7 @@ MODEL=${1:?usage: $0 MODEL_DIR}
 DATA=${IGP_DATA_DIR:-../shared/data}
 OUT=${OUT:-runs/finetune}
 STEPS=${STEPS:-150}
+MAX_LENGTH=${MAX_LENGTH:-256}
 PPL_TOKENS=${PPL_TOKENS:-8192}
 STAGES=${STAGES:-"lora kd"}
 CALIBRATION="$DATA/wikitext2/valid.txt@64,$DATA/gsm8k/train.jsonl:question+answer@64,\
@@ -40,7 +41,7 @@ for stage in $STAGES; do
     extra=()
     [ "$stage" = kd ] && extra=(--distill 0.5)
     timed $IGP finetune --model "$MODEL" --data "$CALIBRATION" --output "$OUT/$NAME-$stage" --lora-r 16 \
-        --steps "$STEPS" --batch-size 4 --max-length 256 --learning-rate 2e-4 --warmup-steps 10 --logging-steps 10 \
+        --steps "$STEPS" --batch-size 4 --max-length "$MAX_LENGTH" --learning-rate 2e-4 --warmup-steps 10 --logging-steps 10 \
         --save-steps 50 --resume --merge "${extra[@]}"
     timed evaluate "$OUT/$NAME-$stage/merged" "$NAME-$stage"
 done
