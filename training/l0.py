@@ -132,8 +132,8 @@ class MaskLearningConfig:
 
     lr_scheduler_type: str = "constant"
     """Learning-rate schedule of both parameter groups, any `transformers.SchedulerType` name. The expected sparsity
-    oscillates slowly around the target (periods of 80 to 130 steps on SmolLM2), and a decaying schedule shrinks the
-    swing towards the end on tiny models; it was not measured on SmolLM2."""
+    oscillates slowly around the target (periods of 80 to 130 steps on SmolLM2). A decaying schedule (`"linear"`,
+    `"cosine"`) may damp that swing towards the end, but it has not been measured on SmolLM2."""
 
     seed: int = 0
     """Seed of the data order (Trainer) and of the gate noise."""
