@@ -19,7 +19,7 @@ from .router_igp import IGPRouter
 
 logger = logging.get_logger(__name__)
 
-# Sub-modules of a decoder layer that make up each block; a block kept by no mask of the bank has them removed.
+# Sub-modules of a decoder layer that make up each block. A block kept by no mask of the bank has them removed.
 ATTENTION_BLOCK_MODULES = ("input_layernorm", "self_attn")
 MLP_BLOCK_MODULES = ("post_attention_layernorm", "mlp")
 
@@ -38,7 +38,7 @@ class IGPruningPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     def _init_weights(self, module):
-        # The base architecture knows how to initialise its own modules (RMSNorm weights to one, and so on).
+        # The base architecture defines how its own modules are initialised (RMSNorm weights to one, and so on).
         if isinstance(getattr(self, "model", None), PreTrainedModel):
             self.model._init_weights(module)
         else:
@@ -55,7 +55,7 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
 
     Each forward resolves one boolean mask per row (from `block_mask`, `cluster_ids`, or the router), then walks the
     blocks in order. For each block it gathers the rows that run it, calls the block on those rows only, and adds
-    the block's output to their residual stream; a block that no row runs is not called.
+    the block's output to their residual stream. A block that no row runs is not called.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
