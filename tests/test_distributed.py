@@ -98,12 +98,6 @@ def test_fsdp_whole_model_matches_one_process(one_process_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="learn_masks builds TrainingArguments without use_cpu, so on a CPU-only machine torchrun starts "
-           "independent single-process runs; and HardConcreteGates draws its noise from a row counter that every "
-           "process starts at the same value, so the processes sample different gates than one process does.",
-    strict=False,
-)
 def test_ddp_mask_learning_matches_one_process(one_process_run, tmp_path):
     run_worker("masks", tmp_path, processes=2, batch_size=2)
     single, _ = load_run(one_process_run / "masks.safetensors")

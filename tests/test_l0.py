@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import tiny_base
+from conftest import identity_blocks, tiny_base
 from igp_training.block_influence import block_influence
 from igp_training.l0 import (
     HardConcreteGates,
@@ -19,6 +19,7 @@ from igp_training.l0 import (
     MaskLearningConfig,
     MaskLearningTrainer,
     binarize,
+    layer_ranked_scores,
     learn_masks,
     pad_batch,
     save_history_plot,
@@ -199,6 +200,60 @@ def test_block_influence_init_binarizes_to_static_mask():
             skipped_cost += float(costs[block])
             skipped_count += 1
         assert binarize(objective.gates, costs, target) == [static, static]
+
+
+def test_layer_ranking_binarizes_to_shortgpt_mask():
+    base = tiny_base("qwen3")
+    batches = [pad_batch([make_dataset()[index] for index in range(4)])]
+    block_scores = block_influence(base, batches, granularity="block", show_progress=False)
+    layer_scores = block_influence(base, batches, granularity="layer", show_progress=False)
+    scores = layer_ranked_scores(block_scores, layer_scores)
+
+    # Skipping 2k of the 2L blocks must skip exactly the k whole layers with the lowest layer Block Influence.
+    for layers_skipped in (1, 2, 3):
+        lowest = set(layer_scores.argsort()[:layers_skipped].tolist())
+        expected = [0 if block // 2 in lowest else 1 for block in range(8)]
+        assert binarize(scores, target=2 * layers_skipped / 8) == [expected]
+
+    # An odd count skips the lowest layers, then the less influential block of the next layer.
+    next_layer = int(layer_scores.argsort()[1])
+    attention, mlp = 2 * next_layer, 2 * next_layer + 1
+    half = binarize(scores, target=3 / 8)[0]
+    assert half[attention] + half[mlp] == 1
+    assert half[attention if block_scores[attention] < block_scores[mlp] else mlp] == 0
+
+
+def test_best_init_picks_lower_loss_ranking_per_cluster(tmp_path, monkeypatch):
+    base = tiny_base("llama")
+    dataset = make_dataset(num_rows=16, num_clusters=2)
+    config = quick_config(max_steps=1, influence_examples=16, target_sparsity=0.5)
+    captured = {}
+    original = L0MaskObjective.__init__
+
+    def capture(self, model, config, num_clusters=1, init_scores=None):
+        captured["scores"] = init_scores
+        original(self, model, config, num_clusters=num_clusters, init_scores=init_scores)
+
+    monkeypatch.setattr(L0MaskObjective, "__init__", capture)
+    learn_masks(base, dataset, config, str(tmp_path))
+
+    # Independent reference: both static masks scored with the base model whose skipped sub-blocks add nothing.
+    rows = [dataset[index] for index in range(16)]
+    batch = pad_batch(rows)
+    block_scores = block_influence(base, [batch], granularity="block", show_progress=False)
+    layer_scores = block_influence(base, [batch], granularity="layer", show_progress=False)
+    candidates = {"block": block_scores, "layer": layer_ranked_scores(block_scores, layer_scores)}
+    losses = {}
+    for name, scores in candidates.items():
+        mask = binarize(scores, target=0.5)[0]
+        with identity_blocks(base, mask), torch.no_grad():
+            logits = base(input_ids=batch["input_ids"]).logits
+        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                         reduction="none").view(16, -1).sum(dim=1)
+        losses[name] = [float(token_losses[batch["cluster_ids"] == cluster].sum()) for cluster in range(2)]
+    for cluster in range(2):
+        winner = "layer" if losses["layer"][cluster] < losses["block"][cluster] else "block"
+        assert binarize(captured["scores"][cluster], target=0.5) == binarize(candidates[winner], target=0.5)
 
 
 # -- training --------------------------------------------------------------------------------------------------------

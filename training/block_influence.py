@@ -19,7 +19,6 @@ logger = logging.getLogger(__name__)
 GRANULARITIES = ("block", "layer")
 
 
-@torch.no_grad()
 def block_influence(model, batches, granularity: str = "block", show_progress: bool = True) -> torch.Tensor:
     """
     Compute the Block Influence of every block (or every layer) over calibration batches.
@@ -39,10 +38,22 @@ def block_influence(model, batches, granularity: str = "block", show_progress: b
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"Unknown granularity {granularity!r}; use 'block' or 'layer'.")
+    return influence_scores(model, batches, show_progress)[granularity]
+
+
+@torch.no_grad()
+def influence_scores(model, batches, show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """
+    Compute the Block Influence at both granularities in one pass over the calibration batches.
+
+    Args and model requirements are those of `block_influence`.
+
+    Returns:
+        `{"block": [2L] scores, "layer": [L] scores}`, float64 tensors.
+    """
     decoder = model.model
     layers = decoder.layers
     num_layers = len(layers)
-    stride = 1 if granularity == "block" else 2
     start = time.perf_counter()
 
     # The residual stream before block k is the input of the norm that opens it, and after the last block it is the
@@ -64,7 +75,8 @@ def block_influence(model, batches, granularity: str = "block", show_progress: b
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    totals = torch.zeros(2 * num_layers // stride, dtype=torch.float64)
+    totals = {"block": torch.zeros(2 * num_layers, dtype=torch.float64),
+              "layer": torch.zeros(num_layers, dtype=torch.float64)}
     token_count = 0
     try:
         for batch in tqdm(batches, desc="Block Influence", disable=not show_progress):
@@ -78,10 +90,11 @@ def block_influence(model, batches, granularity: str = "block", show_progress: b
                 raise RuntimeError(f"Recorded {len(states)} residual states, expected {2 * num_layers + 1}.")
 
             tokens = attention_mask.bool()
-            for index in range(totals.numel()):
-                before, after = states[index * stride], states[(index + 1) * stride]
-                cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)
-                totals[index] += (1.0 - cosine)[tokens].sum().cpu()
+            for granularity, stride in (("block", 1), ("layer", 2)):
+                for index in range(totals[granularity].numel()):
+                    before, after = states[index * stride], states[(index + 1) * stride]
+                    cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)
+                    totals[granularity][index] += (1.0 - cosine)[tokens].sum().cpu()
             token_count += int(tokens.sum())
     finally:
         for handle in handles:
@@ -91,8 +104,8 @@ def block_influence(model, batches, granularity: str = "block", show_progress: b
     if token_count == 0:
         raise ValueError("The calibration batches contain no tokens (empty or fully padded); pass non-empty batches.")
     elapsed = time.perf_counter() - start
-    logger.info("Block Influence over %d tokens (%s granularity) in %.1f s", token_count, granularity, elapsed)
-    return totals / token_count
+    logger.info("Block Influence over %d tokens in %.1f s", token_count, elapsed)
+    return {granularity: total / token_count for granularity, total in totals.items()}
 
 
 def _record_input(states: list):
@@ -110,4 +123,4 @@ def _dense_forward(model, input_ids, attention_mask):
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
-__all__ = ["block_influence"]
+__all__ = ["block_influence", "influence_scores"]

@@ -93,6 +93,10 @@ def register(subparsers) -> None:
                           help="task loss: next-token cross-entropy (lm) or KL divergence to the dense model (kl)")
     learning.add_argument("--init", choices=("block_influence", "constant"), default=defaults["init"],
                           help="gate initialisation: ranked by Block Influence at the target, or constant")
+    learning.add_argument("--init-granularity", choices=("best", "block", "layer"),
+                          default=defaults["init_granularity"],
+                          help="with --init block_influence: start from the block ranking (BlockPruner), the layer "
+                               "ranking (ShortGPT), or whichever gives each cluster the lower calibration loss")
     learning.add_argument("--warmup-fraction", type=float, default=defaults["target_warmup_fraction"],
                           help="fraction of the steps over which the target rises to --sparsity")
     learning.add_argument("--temperature", type=float, default=defaults["temperature"],
@@ -143,6 +147,7 @@ def build_configs(args):
             context_length=args.context_length,
             loss=args.loss,
             init=args.init,
+            init_granularity=args.init_granularity,
             temperature=args.temperature,
             lr_gates=args.lr_gates,
             lr_lambdas=args.lr_lambdas,
