@@ -22,8 +22,8 @@ from igp_training.l0 import (
     layer_ranked_scores,
     learn_masks,
     pad_batch,
-    save_history_plot,
 )
+from igp_training.pipeline import plot_training_curves
 from igp_training.sparsity import block_costs
 
 
@@ -368,7 +368,7 @@ def test_resume_continues_exactly(tmp_path):
     assert summary["mask_bank"] == resumed.mask_bank
 
     plot = tmp_path / "history.png"
-    save_history_plot(resumed.history, plot)
+    plot_training_curves(resumed.history, 0.25, plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -929,30 +929,6 @@ def learn_masks(
     return result
 
 
-def save_history_plot(history: list[dict], path) -> None:
-    """Plot expected sparsity (with its target) and task loss against steps into a PNG file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [record["step"] for record in history]
-    figure, (sparsity_axis, loss_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    num_clusters = len(history[0]["expected_sparsity"]) if history else 0
-    for cluster in range(num_clusters):
-        sparsity_axis.plot(steps, [record["expected_sparsity"][cluster] for record in history], linewidth=1,
-                           label=f"cluster {cluster}" if num_clusters <= 8 else None)
-    sparsity_axis.plot(steps, [record["target"][0] for record in history], "k--", linewidth=1, label="target")
-    sparsity_axis.set_ylabel("expected sparsity")
-    sparsity_axis.legend(fontsize="small")
-    loss_axis.plot(steps, [record["task_loss"] for record in history], linewidth=1)
-    loss_axis.set_ylabel("task loss")
-    loss_axis.set_xlabel("step")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def pad_batch(rows: list[dict]) -> dict:
     """Collate dataset rows into right-padded tensors: input_ids padded with 0, attention_mask with 0, labels with
     -100, and `cluster_ids` stacked."""
@@ -1058,5 +1034,4 @@ __all__ = [
     "learn_masks",
     "log_alpha_from_scores",
     "pad_batch",
-    "save_history_plot",
 ]
