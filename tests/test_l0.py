@@ -359,9 +359,11 @@ def test_resume_continues_exactly(tmp_path):
     assert [record["step"] for record in resumed.history] == list(range(1, 9))
     assert resumed.mask_bank == uninterrupted.mask_bank
 
-    # The checkpoint contains the objective's own state as safetensors and Trainer's files, nothing else.
-    assert set(os.listdir(checkpoint)) <= {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                                           "trainer_state.json", "training_args.bin"}
+    # The checkpoint contains the objective's own state and Trainer's states as safetensors and JSON, no pickle.
+    assert set(os.listdir(checkpoint)) == {
+        "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state.safetensors",
+        "rng_state.json", "trainer_state.json", "training_args.json",
+    }
     saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
     assert set(saved) == {"gates.log_alpha", "gates.rows_sampled", "lambda_1", "lambda_2", "initial_sparsity"}
     summary = json.loads((tmp_path / "parts" / "mask_learning.json").read_text())

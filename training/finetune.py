@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, Trainer
 
+from .checkpointing import SafeCheckpointMixin, SafeCheckpointTrainer
+
 logger = logging.getLogger(__name__)
 
 # The linear layers of the attention and MLP sub-blocks. The four supported base architectures name them alike;
@@ -253,7 +255,7 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
     return temperature**2 * token_kl.sum() / divisor
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(SafeCheckpointMixin, Trainer):
     """Trainer whose loss mixes the next-token loss with a KL divergence to a dense teacher's logits.
 
     Args:
@@ -423,7 +425,7 @@ def load_teacher(student, teacher: str | None = None, lora: bool = True, student
 
 def build_trainer(model, tokenizer, train_dataset, config: FinetuneConfig, training_args, teacher=None,
                   eval_dataset=None, callbacks=None):
-    """Build the Trainer of a run: stock `Trainer`, or `DistillationTrainer` when `distill_weight > 0`.
+    """Build the Trainer of a run: `SafeCheckpointTrainer`, or `DistillationTrainer` when `distill_weight > 0`.
 
     `model` is the module returned by `prepare_model`; `teacher` the result of `load_teacher`.
     """
@@ -450,7 +452,7 @@ def build_trainer(model, tokenizer, train_dataset, config: FinetuneConfig, train
             distill_weight=config.distill_weight,
             distill_temperature=config.distill_temperature,
         )
-    return Trainer(**kwargs)
+    return SafeCheckpointTrainer(**kwargs)
 
 
 def finetune(model, tokenizer, texts, config: FinetuneConfig, training_args, teacher=None, eval_texts=None,

@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 from modeling_igp import IGPruningForCausalLM
 
 from .block_influence import influence_scores
+from .checkpointing import SafeCheckpointMixin
 from .sparsity import DEFAULT_CONTEXT_LENGTH, SPARSITY_UNITS, block_costs, sparsity_report
 
 
@@ -642,7 +643,7 @@ class MaskLearningCallback(TrainerCallback):
         state.log_history.append({"step": state.global_step, "mask_learning": record})
 
 
-class MaskLearningTrainer(Trainer):
+class MaskLearningTrainer(SafeCheckpointMixin, Trainer):
     """
     `transformers.Trainer` for an `L0MaskObjective`.
 
@@ -650,8 +651,8 @@ class MaskLearningTrainer(Trainer):
     `MaskLearningCallback`. Every log gains the expected sparsity, target and multipliers per cluster and the mean task
     loss since the last log.
 
-    Checkpoints hold the objective's state dict (gates, multipliers, noise counter) as safetensors, plus the files
-    Trainer itself writes (optimizer, scheduler, RNG state, trainer state, training arguments).
+    Checkpoints hold the objective's state dict (gates, multipliers, noise counter) as safetensors, plus the optimizer,
+    scheduler, RNG state, trainer state and training arguments as safetensors and JSON (see `SafeCheckpointMixin`).
     """
 
     def __init__(self, model: L0MaskObjective, args: TrainingArguments, **kwargs):
