@@ -181,9 +181,6 @@ def run(args) -> int:
 
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        # Trainer pickles TrainingArguments beside the weights; keep them as JSON instead, like every other file.
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
-        (output_dir / "training_args.json").write_text(training_args.to_json_string())
         full_model_dir = output_dir
         if args.merge:
             full_model_dir = output_dir / "merged"
