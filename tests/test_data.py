@@ -222,6 +222,26 @@ def test_missing_file_and_field(tmp_path):
         load_calibration(str(path))
 
 
+def test_empty_or_malformed_file_error(tmp_path):
+    for name in ("empty.txt", "empty.jsonl", "empty.csv"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(ValueError, match=f"calibration file .*{name} is empty"):
+            load_calibration(str(tmp_path / name))
+
+    with gzip.open(tmp_path / "empty.jsonl.gz", "wt") as file:
+        file.write("")
+    with pytest.raises(ValueError, match="Could not read the calibration source .*empty.jsonl.gz"):
+        load_calibration(str(tmp_path / "empty.jsonl.gz"))
+
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{broken\n')
+    with pytest.raises(ValueError, match="Could not read the calibration source .*broken.jsonl"):
+        load_calibration(str(tmp_path / "broken.jsonl"))
+
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match="Could not read the calibration source .*header.csv"):
+        load_calibration(str(tmp_path / "header.csv"))
+
+
 def test_hub_name_offline_error(monkeypatch):
     import datasets
 

@@ -261,7 +261,7 @@ def load_source_dataset(source: CalibrationSource):
         if not path.exists():
             raise FileNotFoundError(f"Calibration file not found: {path}. Check the path in the calibration SPEC.")
         if path.is_dir():
-            return datasets.load_dataset(str(path), split="train")
+            return _load_local_dataset(path, str(path))
         builder = _builder_for(path)
         kwargs = {}
         if builder == "text":
@@ -272,7 +272,7 @@ def load_source_dataset(source: CalibrationSource):
                     f"got {unit!r}."
                 )
             kwargs["sample_by"] = unit
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        return _load_local_dataset(path, builder, data_files=str(path), **kwargs)
 
     try:
         return datasets.load_dataset(source.path, source.config, split=source.split or "train", streaming=True)
@@ -280,6 +280,24 @@ def load_source_dataset(source: CalibrationSource):
         raise ValueError(
             f"Could not load the calibration source {source.path!r}: it is not a local file, and loading it as a hub "
             f"dataset failed ({error}). Check the path, or the hub name when online."
+        ) from error
+
+
+def _load_local_dataset(path: Path, builder: str, **kwargs):
+    # datasets 5.2 reports an empty or malformed file as a bare DatasetGenerationError, as "corresponds to no data",
+    # or (an empty JSON lines file) as StopIteration. None of these names the file or the fix.
+    import datasets
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"The calibration file {path} is empty. Give a file with at least one text.")
+    try:
+        return datasets.load_dataset(builder, split="train", **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as error:
+        cause = error.__cause__ or error
+        reason = str(cause) or type(cause).__name__
+        raise ValueError(
+            f"Could not read the calibration source {path}: {reason}. Check that it is not empty and that its "
+            f"content matches its extension."
         ) from error
 
 
