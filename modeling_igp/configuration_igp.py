@@ -77,6 +77,21 @@ class IGPruningConfig(PreTrainedConfig):
             if self.router_embedding_dim is None:
                 self.router_embedding_dim = len(self.centroids[0])
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load the config of a saved IGPruningForCausalLM; raise ValueError for any other model's config."""
+        # transformers 5.25 only warns on a model_type mismatch and then fills text_config with its default, a 7B Llama,
+        # so loading a plain base-model folder would allocate billions of parameters.
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **dict(kwargs))
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not an IGPruningForCausalLM checkpoint: its config has "
+                f"model_type={model_type!r}, expected {cls.model_type!r}. Prune a base model first (`igp prune "
+                f"--model PATH` or IGPruningForCausalLM.from_base), or load it with AutoModelForCausalLM."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def num_layers(self) -> int:
         return self.text_config.num_hidden_layers

@@ -158,6 +158,16 @@ def test_invalid_saved_config_raises_on_load(tmp_path, field, value, shown):
         AutoConfig.from_pretrained(tmp_path)
 
 
+def test_base_model_folder_rejected_on_load(tmp_path):
+    # Without the check, the missing text_config defaults to a 7B Llama and loading allocates its weights.
+    tiny_base("llama").save_pretrained(tmp_path)
+
+    with pytest.raises(ValueError, match=r"not an IGPruningForCausalLM checkpoint.*model_type='llama'"):
+        IGPruningConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"not an IGPruningForCausalLM checkpoint"):
+        IGPruningForCausalLM.from_pretrained(tmp_path)
+
+
 # -- changing the bank on a built model ---------------------------------------------------------------------------------
 
 
