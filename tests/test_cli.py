@@ -115,6 +115,18 @@ def test_generate_bad_arguments_exit_2(pruned_dir, capsys, tmp_path):
     assert code == 2
     assert "--cluster 7 is out of range; the model has clusters 0 to 1" in error
 
+    code, error = exit_code_and_error(
+        ["generate", "--model", str(pruned_dir), "--do-sample", "--temperature", "0", "hello"], capsys
+    )
+    assert code == 2
+    assert "--temperature must be greater than 0 with --do-sample, got 0.0" in error
+
+
+def test_generate_base_model_folder_exit_2(tiny_model_dir, capsys):
+    code, error = exit_code_and_error(["generate", "--model", str(tiny_model_dir), "hello"], capsys)
+    assert code == 2
+    assert "is not an IGPruningForCausalLM checkpoint" in error
+
 
 def test_prune_help_documents_spec(capsys):
     with pytest.raises(SystemExit) as raised:

@@ -43,6 +43,8 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.do_sample and not args.temperature > 0:
+        raise UsageError(f"--temperature must be greater than 0 with --do-sample, got {args.temperature}.")
     if not args.prompt.strip():
         raise UsageError("The prompt is empty; give the text to continue.")
     if not Path(args.model).exists() and (args.model.startswith((".", "/", "~")) or Path(args.model).suffix):
