@@ -246,3 +246,22 @@ def test_baseline_command_rejects_zero_sparsity(base_dir, tmp_path, capsys):
 
     assert exit_info.value.code == 2
     assert "--sparsity 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--method", "random", "--sparsity", "0.99"], "would skip all 6 layers"),
+    (["--method", "shortgpt", "--calibration", "{empty}"], "is empty"),
+    (["--method", "shortgpt", "--calibration", "{records}:body"], "no column 'body'"),
+    (["--method", "static-l0", "--calibration", "{empty}", "--steps", "1"], "is empty"),
+])
+def test_baseline_command_invalid_input_exit_2(arguments, message, base_dir, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "records.jsonl").write_text('{"text": "a calibration text"}\n')
+    arguments = [argument.format(empty=tmp_path / "empty.txt", records=tmp_path / "records.jsonl")
+                 for argument in arguments]
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["baseline", *arguments, "--model", str(base_dir), "--output", str(tmp_path / "x")])
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

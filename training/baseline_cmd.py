@@ -74,7 +74,9 @@ def run(args) -> int:
     try:
         _, record = make_baseline(config, args.output, model=args.model, mask_learning=mask_learning,
                                   overwrite=args.overwrite, argv=sys.argv)
-    except (FileExistsError, FileNotFoundError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        # make_baseline raises ValueError for invalid input: an unknown model, an unreadable calibration source, or a
+        # sparsity that rounds to every layer of this model.
         raise UsageError(str(error)) from error
 
     sparsity = record["masks"]["sparsity"]
