@@ -319,3 +319,13 @@ def test_eval_command_rejects_unknown_task(saved_models, capsys):
 
     assert exit_info.value.code == 2
     assert "mmlu" in capsys.readouterr().err
+
+
+def test_eval_command_rejects_base_model_folder(base, tmp_path, capsys):
+    base.save_pretrained(tmp_path / "base")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--model", str(tmp_path / "base"), "--tasks", "none", "--ppl", "gsm8k"])
+
+    assert exit_info.value.code == 2
+    assert "is a 'llama' model, not a pruned model" in capsys.readouterr().err

@@ -102,8 +102,16 @@ def _validate(args) -> tuple[list[str], list[str]]:
     except ValueError as error:
         raise UsageError(str(error)) from error
     for model_dir in args.model:
-        if not (Path(model_dir) / "config.json").is_file():
+        config_path = Path(model_dir) / "config.json"
+        if not config_path.is_file():
             raise UsageError(f"No saved model in {model_dir} (config.json is missing).")
+        # Routing and the per-cluster forward need IGPruningForCausalLM, so a plain causal LM would fail deep in scoring.
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        if model_type != "igp":
+            raise UsageError(
+                f"{model_dir} is a {model_type!r} model, not a pruned model (model_type 'igp'). To evaluate a dense "
+                f"base model, save it with `igp baseline --method dense --model {model_dir} --output DIR` first."
+            )
     return tasks, domains
 
 
