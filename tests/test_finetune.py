@@ -553,6 +553,16 @@ def test_cli_rejects_missing_model(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+def test_cli_rejects_base_model_folder(smollm2_tokenizer, tmp_path, capsys):
+    tiny_base("llama", **tokenizer_shapes(smollm2_tokenizer)).save_pretrained(tmp_path / "base")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(tmp_path / "base"), "--data", "default", "--output", str(tmp_path / "out")])
+
+    assert exit_info.value.code == 2
+    assert "not an IGPruningForCausalLM checkpoint" in capsys.readouterr().err
+
+
 @pytest.fixture
 def one_thread():
     # Tiny models spend their time in thread synchronisation, so one thread runs these Trainer loops faster.

@@ -120,7 +120,10 @@ def run(args) -> int:
 
     started = time.perf_counter()
     # An absolute path, because saved adapters record it to find their base model from any working directory.
-    model = IGPruningForCausalLM.from_pretrained(str(model_dir))
+    try:
+        model = IGPruningForCausalLM.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {args.model}: {error}") from error
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise UsageError(f"--model {args.model}: no tokenizer saved there; save the model with its tokenizer.")
