@@ -468,6 +468,10 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = IGPruningCache(self.config.num_layers)
+            # IGPruningCache is the dynamic cache of this model. transformers rejects a cache object together with any
+            # cache_implementation, so clear "dynamic" on generate's per-call copy of the config.
+            if generation_config.cache_implementation == "dynamic":
+                generation_config.cache_implementation = None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 

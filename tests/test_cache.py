@@ -239,3 +239,18 @@ def test_generate_accepts_igp_cache(model):
     default = model.generate(prompt, **settings)
 
     assert given.tolist() == default.tolist()
+
+
+@torch.no_grad()
+def test_generate_accepts_dynamic_cache_implementation(model):
+    prompt = random_ids(1, 5)
+    settings = dict(cluster_ids=torch.tensor([2]), max_new_tokens=4, do_sample=False, eos_token_id=None)
+    default = model.generate(prompt, **settings)
+
+    # "dynamic" names the cache generate builds anyway, from the argument or from the saved generation config.
+    assert model.generate(prompt, cache_implementation="dynamic", **settings).tolist() == default.tolist()
+    model.generation_config.cache_implementation = "dynamic"
+    try:
+        assert model.generate(prompt, **settings).tolist() == default.tolist()
+    finally:
+        model.generation_config.cache_implementation = None
