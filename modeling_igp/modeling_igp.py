@@ -398,7 +398,13 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
         return keep, gates
 
     def _cluster_masks(self, cluster_ids, batch_size):
-        cluster_ids = torch.as_tensor(cluster_ids).cpu().long().flatten()
+        cluster_ids = torch.as_tensor(cluster_ids).cpu()
+        if cluster_ids.is_floating_point() or cluster_ids.is_complex() or cluster_ids.dtype == torch.bool:
+            # Casting would truncate 0.7 to cluster 0 without a word.
+            raise ValueError(
+                f"cluster_ids must contain integer cluster ids (a LongTensor), got dtype {cluster_ids.dtype}."
+            )
+        cluster_ids = cluster_ids.long().flatten()
         if cluster_ids.numel() != batch_size:
             raise ValueError(f"cluster_ids has {cluster_ids.numel()} entries for a batch of {batch_size} rows.")
         num_clusters = self.config.num_clusters

@@ -407,6 +407,13 @@ def test_cluster_ids_wrong_count_raises(small_model):
         small_model(random_ids(2, 4), cluster_ids=torch.tensor([0, 1, 1]))
 
 
+def test_cluster_ids_float_raises(small_model):
+    with pytest.raises(ValueError, match="integer cluster ids.*float32"):
+        small_model(random_ids(1, 4), cluster_ids=torch.tensor([0.7]))
+    with pytest.raises(ValueError, match="integer cluster ids.*float32"):
+        small_model.generate(random_ids(1, 4), cluster_ids=torch.tensor([1.0]), max_new_tokens=2)
+
+
 def test_two_mask_sources_raise(small_model):
     with pytest.raises(ValueError, match="block_mask, cluster_ids"):
         small_model(random_ids(1, 4), block_mask=torch.ones(1, 8, dtype=torch.bool), cluster_ids=torch.tensor([0]))
