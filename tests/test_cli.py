@@ -97,6 +97,20 @@ def test_prune_more_clusters_than_file_texts(tiny_model_dir, capsys, tmp_path):
     assert "more clusters than texts" in error
 
 
+def test_prune_invalid_router_exit_2(pruned_dir, tiny_model_dir, capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    texts = write_texts(tmp_path / "texts.jsonl", 6)
+    for router in (str(pruned_dir), "nobody/no-such-router"):
+        code, error = exit_code_and_error(
+            ["prune", "--model", str(tiny_model_dir), "--calibration", str(texts), "--router", router, "--clusters",
+             "2", "--heldout", "0", "--min-cluster-size", "1", "--output", str(tmp_path / "o")], capsys
+        )
+        assert code == 2
+        assert f"Could not load the router encoder {router!r}" in error
+
+
 def test_prune_existing_output_exit_2(pruned_dir, tiny_model_dir, capsys):
     code, error = exit_code_and_error(
         ["prune", "--model", str(tiny_model_dir), "--calibration", CALIBRATION, "--output", str(pruned_dir), *TINY_RUN],

@@ -205,7 +205,14 @@ def prune(config: PruneConfig, mask_learning=None, argv: list[str] | None = None
 
     with timer("clustering"):
         router_path = config.router if config.router is not None else str(_default_router_path())
-        encoder = load_encoder(router_path, max_length=config.router_max_length)
+        try:
+            encoder = load_encoder(router_path, max_length=config.router_max_length)
+        except (OSError, ValueError) as error:
+            # transformers' message for an unknown config lists every model class, so keep only its first line.
+            raise PruneInputError(
+                f"Could not load the router encoder {router_path!r}: {str(error).splitlines()[0]} Give a "
+                f"sentence-transformers folder or hub name, such as all-MiniLM-L6-v2."
+            ) from error
         try:
             clustering, _ = cluster_texts(calibration.texts, config.num_clusters, encoder=encoder, seed=config.seed,
                                           n_init=config.kmeans_restarts, min_cluster_size=config.min_cluster_size)
