@@ -156,7 +156,10 @@ def validate_centroids(centroids, num_clusters: int, embedding_dim: int | None) 
         raise ValueError(f"centroids must have width at least 1, got rows of width {width}.")
     checked = []
     for cluster, row in enumerate(centroids):
-        row = [float(value) for value in row]
+        try:
+            row = [float(value) for value in row]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"centroids[{cluster}] must contain numbers: {error}.") from None
         if len(row) != width:
             raise ValueError(
                 f"centroids[{cluster}] has width {len(row)}, but the router encoder embeds into {width} dimensions. "

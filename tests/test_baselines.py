@@ -125,7 +125,7 @@ def test_num_skipped_blocks_rounds_to_whole_layers():
     assert num_skipped_blocks(30, 0.0) == 0
 
 
-@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 0.99])
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 0.99, 0.01])
 def test_num_skipped_blocks_rejects_invalid(sparsity):
     with pytest.raises(ValueError, match="sparsity"):
         num_skipped_blocks(30, sparsity)

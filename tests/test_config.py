@@ -103,6 +103,7 @@ def test_invalid_mask_bank_raises(bank, shown):
         ([[1.0, 0.0], [math.inf, 0.0]], {}, r"centroids\[1\] contains NaN or infinite"),
         ([[1.0, 0.0], [-math.inf, 0.0]], {}, r"centroids\[1\] contains NaN or infinite"),
         ([[1.0, 0.0]], {}, r"expected 2 rows, got 1"),
+        ([[1.0, 0.0], ["a", 0.0]], {}, r"centroids\[1\] must contain numbers"),
         ([[], []], {}, r"width 0"),
     ],
 )

@@ -73,6 +73,11 @@ def num_skipped_blocks(num_layers: int, sparsity: float) -> int:
     layers = math.floor(sparsity * num_layers + 0.5)
     if layers >= num_layers:
         raise ValueError(f"sparsity {sparsity} would skip all {num_layers} layers; use a smaller sparsity.")
+    if layers == 0 and sparsity > 0.0:
+        raise ValueError(
+            f"sparsity {sparsity} rounds to 0 of {num_layers} layers, so the baseline would skip nothing; use at least "
+            f"{0.5 / num_layers:.3g} (half a layer)."
+        )
     return 2 * layers
 
 
