@@ -174,6 +174,8 @@ def test_resume_after_interruption(pruned, tiny_model_dir, tmp_path, monkeypatch
 
     with pytest.raises(PruneInputError, match="--resume"):
         prune(run_config(tiny_model_dir, output_dir), LEARNING)
+    with pytest.raises(PruneInputError, match=r"changed settings: sparsity \(0.25 -> 0.5\)"):
+        prune(run_config(tiny_model_dir, output_dir, resume=True, sparsity=0.5), LEARNING)
 
     resumed = prune(run_config(tiny_model_dir, output_dir, resume=True), LEARNING)
     np.testing.assert_allclose(resumed.record["mask_learning"]["gate_scores"],
@@ -185,6 +187,8 @@ def test_existing_output_needs_overwrite(pruned, tiny_model_dir):
     _, output_dir = pruned
     with pytest.raises(PruneInputError, match="already contains a saved model"):
         prune(run_config(tiny_model_dir, output_dir), LEARNING)
+    with pytest.raises(PruneInputError, match="finished run and no checkpoint"):
+        prune(run_config(tiny_model_dir, output_dir, resume=True), LEARNING)
 
 
 @pytest.mark.parametrize("overrides, message", [

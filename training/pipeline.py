@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 RUN_RECORD_FILE = "igp_run.json"
 MASK_BANK_PLOT = "mask_bank.png"
 TRAINING_PLOT = "training_curves.png"
+# Settings of a run, written beside its mask-learning checkpoints so that a resume can check them.
+RESUME_SETTINGS = "run_settings.json"
 MASK_LEARNING_SUBFOLDER = "mask_learning"
 
 
@@ -178,6 +180,8 @@ def prune(config: PruneConfig, mask_learning=None, argv: list[str] | None = None
         validate_prune_config(config)
         output_dir = Path(config.output_dir)
         _prepare_output_dir(output_dir, config)
+        mask_learning = _mask_learning_config(mask_learning, config)
+        _record_resume_settings(output_dir / MASK_LEARNING_SUBFOLDER, config, mask_learning)
     except (ValueError, FileExistsError) as error:
         raise PruneInputError(str(error)) from error
     timer = PhaseTimer()
@@ -227,7 +231,6 @@ def prune(config: PruneConfig, mask_learning=None, argv: list[str] | None = None
     logger.info("Tokenised %d calibration texts into %d tokens (at most %d per text)", len(dataset), num_tokens,
                 config.max_length)
 
-    mask_learning = _mask_learning_config(mask_learning, config)
     learning_dir = output_dir / MASK_LEARNING_SUBFOLDER
     resume_from = _last_checkpoint(learning_dir) if config.resume else None
     if config.resume:
@@ -291,6 +294,12 @@ def _prepare_output_dir(output_dir: Path, config: PruneConfig) -> None:
             "(--overwrite) to replace it."
         )
     learning_dir = output_dir / MASK_LEARNING_SUBFOLDER
+    if (output_dir / "config.json").exists() and config.resume and not config.overwrite \
+            and not _last_checkpoint(learning_dir):
+        raise FileExistsError(
+            f"{output_dir} contains a finished run and no checkpoint to resume from. Choose another output folder, or "
+            "pass overwrite=True (--overwrite) to run again and replace it."
+        )
     if _last_checkpoint(learning_dir) and not (config.resume or config.overwrite):
         raise FileExistsError(
             f"{learning_dir} contains checkpoints of an interrupted run. Pass resume=True (--resume) to continue it, or "
@@ -317,6 +326,38 @@ def _default_router_path():
     from .assets import default_router_path
 
     return default_router_path()
+
+
+def _record_resume_settings(learning_dir: Path, config: PruneConfig, mask_learning) -> None:
+    """Write the settings that shape mask learning beside its checkpoints, or, when resuming from a checkpoint, raise
+    `ValueError` naming each setting that differs from the interrupted run's."""
+    # Checkpointing and output handling do not change what is learned, so they may differ between the two runs.
+    ignored = {"output_dir", "resume", "overwrite", "keep_checkpoints", "save_steps", "logging_steps"}
+    settings = {
+        "prune": {name: value for name, value in asdict(config).items() if name not in ignored},
+        "mask_learning": {name: value for name, value in mask_learning.to_dict().items() if name not in ignored},
+    }
+    settings = json.loads(json.dumps(settings))  # tuples become lists, as they are when read back
+    path = learning_dir / RESUME_SETTINGS
+
+    if config.resume and _last_checkpoint(learning_dir) and path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = [
+            f"{name} ({saved.get(section, {}).get(name)!r} -> {value!r})"
+            for section, values in settings.items()
+            for name, value in values.items()
+            if saved.get(section, {}).get(name) != value
+        ]
+        if changed:
+            raise ValueError(
+                f"Cannot resume the run in {learning_dir.parent} with changed settings: {', '.join(changed)}. Rerun "
+                "with the interrupted run's settings, or pass overwrite=True (--overwrite) without --resume to start "
+                "over."
+            )
+        return
+
+    learning_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
 
 
 def _mask_learning_config(mask_learning, config: PruneConfig):
