@@ -11,8 +11,8 @@ Three models share the same weights:
   using mask i mod N.
 
 On a CPU, decoding is bound by reading weights, so a block costs the same whether one row of the batch runs it or
-all of them. A mixed batch therefore decodes about as fast as a static model that runs every block some row needs;
-the output reports that count as `blocks_run_by_some_row`.
+all of them. A mixed batch therefore decodes about as fast as a static model that runs every block some row needs.
+The output reports that count as `blocks_run_by_some_row_at_batch_8`.
 
 Prefill time is the time of `generate` with one new token; decode throughput is the extra tokens of a
 `max_new_tokens` run divided by its extra time. Each figure is the median of `--repeats` runs, interleaved across

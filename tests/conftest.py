@@ -284,3 +284,13 @@ def _offline_environment(monkeypatch):
     # test starts, which inherit the environment.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread: tiny models spend their time in thread synchronisation, so one thread runs
+    them faster on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

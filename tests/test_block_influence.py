@@ -8,13 +8,8 @@ from igp_training.block_influence import block_influence
 from modeling_igp import IGPruningForCausalLM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models spend their time in thread synchronisation; one thread is faster on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run faster on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_outputs(model, input_ids, attention_mask):

@@ -563,15 +563,6 @@ def test_cli_rejects_base_model_folder(smollm2_tokenizer, tmp_path, capsys):
     assert "not an IGPruningForCausalLM checkpoint" in capsys.readouterr().err
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models spend their time in thread synchronisation, so one thread runs these Trainer loops faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_continues_exactly(smollm2_tokenizer, tmp_path, one_thread):
     """Stopping after 2 of 4 steps and resuming from the checkpoint gives the weights of an uninterrupted run."""
     texts = PROMPTS + [text.upper() for text in PROMPTS] + [text.lower() for text in PROMPTS][:2]

@@ -27,17 +27,11 @@ from igp_training.pipeline import plot_training_curves
 from igp_training.sparsity import block_costs
 
 
+# Tiny models run faster on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models spend their time in thread synchronisation: one thread runs these Trainer loops many times faster
-    # on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_dataset(num_rows=64, length=16, num_clusters=2, seed=0):
