@@ -329,3 +329,40 @@ def test_eval_command_rejects_base_model_folder(base, tmp_path, capsys):
 
     assert exit_info.value.code == 2
     assert "is a 'llama' model, not a pruned model" in capsys.readouterr().err
+
+
+def test_eval_command_rejects_nothing_to_evaluate(saved_models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--model", str(saved_models["dense"]), "--tasks", "none", "--ppl", "none"])
+
+    assert exit_info.value.code == 2
+    assert "Nothing to evaluate" in capsys.readouterr().err
+
+
+def test_eval_command_times_plain_base_model_folder(base, tokenizer, data_dir, tmp_path, monkeypatch):
+    # Speed alone runs any causal LM, so a benchmark can show what the block loop of the pruned model costs.
+    monkeypatch.setattr(evaluation.SpeedConfig, "isolate", False)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+
+    status = cli.main(["eval", "--model", str(tmp_path / "base"), "--tasks", "none", "--ppl", "none", "--speed",
+                       "--speed-repeats", "1", "--prompt-tokens", "8", "--new-tokens", "2", "--data-dir",
+                       str(data_dir), "--output-dir", str(tmp_path / "eval")])
+    speed = json.loads((tmp_path / "eval" / "base.json").read_text())["speed"]
+
+    assert status == 0
+    assert speed["batch_1"]["decode_tokens_per_s"] > 0
+
+
+def test_compare_without_zero_shot_draws_no_accuracy_plot(saved_models, data_dir, tmp_path, capsys):
+    models = [str(saved_models["dense"]), str(saved_models["skip"])]
+    cli.main(["eval", "--model", *models, "--tasks", "none", "--ppl", "gsm8k", "--ppl-max-tokens", "100",
+              "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "eval")])
+
+    status = cli.main(["compare", *models, "--eval-dir", str(tmp_path / "eval"), "--output-dir",
+                       str(tmp_path / "compare")])
+
+    assert status == 0
+    assert sorted(path.name for path in (tmp_path / "compare").iterdir()) == ["compare.json", "compare.md",
+                                                                              "masks.png", "perplexity.png"]
+    assert "Wrote compare.json, compare.md, perplexity.png, masks.png" in capsys.readouterr().out

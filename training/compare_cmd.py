@@ -335,10 +335,20 @@ def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str 
     }
     (output_dir / "compare.json").write_text(json.dumps(content, indent=2) + "\n")
     (output_dir / "compare.md").write_text(format_markdown_table(header, cells) + "\n")
-    plot_accuracy_vs_sparsity(rows, groups, output_dir / "accuracy_vs_sparsity.png")
-    plot_perplexity(rows, output_dir / "perplexity.png")
-    plot_masks(rows, output_dir / "masks.png")
+
+    # A plot without data would be an empty frame; leave it out and say why.
+    written = ["compare.json", "compare.md"]
+    if any(row["mean_accuracy"] is not None for row in rows):
+        written.append(plot_accuracy_vs_sparsity(rows, groups, output_dir / "accuracy_vs_sparsity.png").name)
+    else:
+        logger.info("No model has zero-shot results; accuracy_vs_sparsity.png is not drawn (run igp eval --tasks).")
+    if any(row["perplexity"] for row in rows):
+        written.append(plot_perplexity(rows, output_dir / "perplexity.png").name)
+    else:
+        logger.info("No model has perplexity results; perplexity.png is not drawn (run igp eval --ppl).")
+    written.append(plot_masks(rows, output_dir / "masks.png").name)
     content["table"] = format_text_table(header, cells)
+    content["files"] = written
     return content
 
 
@@ -348,6 +358,5 @@ def run(args) -> int:
             raise UsageError(f"No saved model in {model_dir} (config.json is missing).")
     content = compare(args.models, args.output_dir, eval_dir=args.eval_dir, reference=args.reference)
     print(content["table"])
-    print(f"\nWrote compare.json, compare.md, accuracy_vs_sparsity.png, perplexity.png and masks.png to "
-          f"{args.output_dir}")
+    print(f"\nWrote {', '.join(content['files'])} to {args.output_dir}")
     return 0

@@ -105,13 +105,17 @@ def _validate(args) -> tuple[list[str], list[str]]:
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise UsageError(f"No saved model in {model_dir} (config.json is missing).")
-        # Routing and the per-cluster forward need IGPruningForCausalLM, so a plain causal LM would fail deep in scoring.
+        # Routing and the per-cluster forward need IGPruningForCausalLM; speed alone also runs a plain causal LM.
         model_type = json.loads(config_path.read_text()).get("model_type")
-        if model_type != "igp":
+        if model_type != "igp" and (tasks or domains):
             raise UsageError(
                 f"{model_dir} is a {model_type!r} model, not a pruned model (model_type 'igp'). To evaluate a dense "
-                f"base model, save it with `igp baseline --method dense --model {model_dir} --output DIR` first."
+                f"base model, save it with `igp baseline --method dense --model {model_dir} --output DIR` first "
+                "(speed alone, with --tasks none --ppl none --speed, accepts any causal LM)."
             )
+    if not (tasks or domains or args.speed):
+        raise UsageError("Nothing to evaluate: --tasks none and --ppl none without --speed. Name tasks, domains, or "
+                         "add --speed.")
     return tasks, domains
 
 
