@@ -155,6 +155,56 @@ def test_state_dict_excludes_frozen_model():
     assert torch.equal(fresh.gates.log_alpha, objective.gates.log_alpha)
 
 
+def test_shared_gates_split_gradient_between_shared_part_and_own_offset():
+    # With sharing, every example trains the shared log-alpha, and only a cluster's own examples train its offset.
+    base = tiny_base("llama")
+    config = MaskLearningConfig(init="constant", init_log_alpha=1.0, shared_gates=True)
+    objective = L0MaskObjective(base, config, num_clusters=3).train()
+    assert {name for name, parameter in objective.named_parameters() if parameter.requires_grad} == {
+        "gates.shared_log_alpha", "gates.log_alpha", "lambda_1", "lambda_2"}
+    # At the first step of the target warm-up the target is the initial sparsity, so the Lagrangian's gradient is 0.
+    objective.global_step, objective.warmup_steps = 0, 10
+    rows = [make_dataset(num_rows=4, num_clusters=3)[index] for index in range(4)]
+    for row in rows:
+        row["cluster_ids"] = 1
+    objective(**pad_batch(rows)).loss.backward()
+
+    offsets = objective.gates.log_alpha.grad
+    assert offsets[1].abs().sum() > 0
+    assert torch.equal(offsets[0], torch.zeros_like(offsets[0])) and torch.equal(offsets[2], offsets[0])
+    # The cluster's log-alpha is shared + offset, so both parts receive the same gradient from its rows.
+    assert torch.allclose(objective.gates.shared_log_alpha.grad, offsets[1])
+
+
+def test_shared_gates_keep_the_cluster_log_alpha_they_are_given():
+    gates = HardConcreteGates(3, 5, shared=True)
+    log_alpha = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    gates.set_cluster_log_alpha(log_alpha)
+
+    assert torch.allclose(gates.cluster_log_alpha(), log_alpha, atol=1e-6)
+    assert torch.allclose(gates.shared_log_alpha, log_alpha.mean(dim=0))
+    # Same log-alpha, same distribution: the eval gates match those of unshared gates.
+    plain = HardConcreteGates(3, 5)
+    plain.set_cluster_log_alpha(log_alpha)
+    assert torch.allclose(gates.eval().sample(torch.arange(3)), plain.eval().sample(torch.arange(3)), atol=1e-6)
+
+
+def test_shared_gates_resume_exactly(tmp_path):
+    base = tiny_base("qwen2")
+    dataset = make_dataset(num_rows=20, num_clusters=2)
+    config = quick_config(max_steps=6, save_steps=2, lr_gates=0.2, shared_gates=True)
+
+    uninterrupted = learn_masks(base, dataset, config, str(tmp_path / "whole"))
+    learn_masks(base, dataset, config, str(tmp_path / "parts"), callbacks=[StopAt(4)])
+    resumed = learn_masks(base, dataset, config, str(tmp_path / "parts"),
+                          resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-4"))
+
+    assert resumed.gate_scores == uninterrupted.gate_scores
+    assert resumed.history == uninterrupted.history
+    saved = safetensors.torch.load_file(tmp_path / "parts" / "checkpoint-4" / "model.safetensors")
+    assert "gates.shared_log_alpha" in saved
+
+
 def test_lagrangian_share_sums_over_micro_batches():
     # Four micro-batches of one accumulated batch, each given the batch's target count, add up to one Lagrangian:
     # d(loss)/d(lambda_1) = s - t and d(loss)/d(lambda_2) = (s - t)^2 per cluster.

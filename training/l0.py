@@ -101,6 +101,13 @@ class MaskLearningConfig:
     # the block ranking (WikiText-2 99.6 against 201.3). At 8 of 60 the block ranking was better on most domains, so
     # "best" measures the choice for each run instead of fixing it.
 
+    shared_gates: bool = False
+    """Parameterise cluster c's log-alpha as a shared vector plus an offset of its own, both trained. The shared part
+    learns from every example and each offset only from its cluster's examples, so the clusters keep the static
+    solution that the whole calibration set supports and leave it only where their own examples keep pushing. With
+    `init="block_influence"` and `init_granularity="best"`, all clusters then start from the one ranking whose loss
+    summed over the clusters is lower."""
+
     init_log_alpha: float = 3.0
     """Log-alpha of every gate with `init="constant"`; 3.0 gives P(gate != 0) = 0.99."""
     # NOTE: with init="constant" the warmed-up target was overshot by 0.03 to 0.09 on tiny random models, because
@@ -208,6 +215,9 @@ class HardConcreteGates(nn.Module):
     s * (r - l) + l and clamps it to [0, 1], so the gate is exactly 0 or 1 with positive probability. In eval mode the
     gate is the deterministic clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1).
 
+    With `shared=True`, cluster c's log-alpha is `shared_log_alpha + log_alpha[c]`: a vector every example trains plus
+    an offset that only cluster c's examples train. `cluster_log_alpha()` returns the sum in either case.
+
     The noise of row j of the n-th training row drawn is seeded from (`seed`, n) alone; the counter `rows_sampled` is
     a buffer. So resuming from a saved state dict, or splitting a batch into gradient-accumulation micro-batches or
     across data-parallel processes (each with the same micro-batch size), draws the same noise for the same rows.
@@ -222,6 +232,7 @@ class HardConcreteGates(nn.Module):
         limit_right: float = 1.1,
         init_log_alpha: float = 0.0,
         seed: int = 0,
+        shared: bool = False,
     ):
         super().__init__()
         if num_clusters < 1 or num_blocks < 1:
@@ -230,7 +241,12 @@ class HardConcreteGates(nn.Module):
         self.limit_left = limit_left
         self.limit_right = limit_right
         self.seed = seed
-        self.log_alpha = nn.Parameter(torch.full((num_clusters, num_blocks), float(init_log_alpha)))
+        if shared:
+            self.shared_log_alpha = nn.Parameter(torch.full((num_blocks,), float(init_log_alpha)))
+            self.log_alpha = nn.Parameter(torch.zeros(num_clusters, num_blocks))
+        else:
+            self.shared_log_alpha = None
+            self.log_alpha = nn.Parameter(torch.full((num_clusters, num_blocks), float(init_log_alpha)))
         self.register_buffer("rows_sampled", torch.zeros((), dtype=torch.long))
 
     @property
@@ -240,6 +256,23 @@ class HardConcreteGates(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.log_alpha.shape[1]
+
+    def cluster_log_alpha(self) -> torch.Tensor:
+        """Return the log-alpha of every cluster's gates [num_clusters, num_blocks]."""
+        if self.shared_log_alpha is None:
+            return self.log_alpha
+        return self.shared_log_alpha + self.log_alpha
+
+    def set_cluster_log_alpha(self, log_alpha: torch.Tensor) -> None:
+        """Set every cluster's log-alpha [num_clusters, num_blocks]; with sharing, the mean over clusters becomes the
+        shared part and the rest the offsets."""
+        with torch.no_grad():
+            log_alpha = log_alpha.to(self.log_alpha)
+            if self.shared_log_alpha is None:
+                self.log_alpha.copy_(log_alpha)
+            else:
+                self.shared_log_alpha.copy_(log_alpha.mean(dim=0))
+                self.log_alpha.copy_(log_alpha - self.shared_log_alpha)
 
     def sample(self, cluster_ids: torch.LongTensor) -> torch.Tensor:
         """Return gates [B, num_blocks] for a batch: row b uses cluster `cluster_ids[b]` (random in training mode)."""
@@ -252,7 +285,7 @@ class HardConcreteGates(nn.Module):
         if not self.training:
             return self.deterministic_gates()[cluster_ids]
 
-        log_alpha = self.log_alpha[cluster_ids]
+        log_alpha = self.cluster_log_alpha()[cluster_ids]
         uniform = self._uniform_noise(cluster_ids.numel()).to(log_alpha)
         logistic = torch.log(uniform) - torch.log1p(-uniform)
         concrete = torch.sigmoid((logistic + log_alpha) / self.temperature)
@@ -261,12 +294,12 @@ class HardConcreteGates(nn.Module):
 
     def deterministic_gates(self) -> torch.Tensor:
         """Return the eval-mode gates [num_clusters, num_blocks]."""
-        stretched = torch.sigmoid(self.log_alpha) * (self.limit_right - self.limit_left) + self.limit_left
+        stretched = torch.sigmoid(self.cluster_log_alpha()) * (self.limit_right - self.limit_left) + self.limit_left
         return stretched.clamp(0.0, 1.0)
 
     def prob_nonzero(self) -> torch.Tensor:
         """Return P(gate != 0) [num_clusters, num_blocks] = sigmoid(log_alpha - beta * log(-l / r))."""
-        return torch.sigmoid(self.log_alpha - self.temperature * math.log(-self.limit_left / self.limit_right))
+        return torch.sigmoid(self.cluster_log_alpha() - self.temperature * math.log(-self.limit_left / self.limit_right))
 
     def expected_sparsity(self, costs: torch.Tensor) -> torch.Tensor:
         """Return each cluster's expected skipped cost [num_clusters] = sum_k cost_k * P(gate_k == 0)."""
@@ -289,7 +322,7 @@ class HardConcreteGates(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_clusters={self.num_clusters}, num_blocks={self.num_blocks}, temperature={self.temperature:.4g}, "
-            f"limits=({self.limit_left}, {self.limit_right})"
+            f"limits=({self.limit_left}, {self.limit_right}), shared={self.shared_log_alpha is not None}"
         )
 
 
@@ -366,7 +399,8 @@ class L0MaskObjective(nn.Module):
     """
     Frozen causal LM + hard-concrete gates + Lagrange multipliers: the model-side loss of L0 mask learning.
 
-    Its state dict contains only what training changes (`gates.log_alpha`, `lambda_1`, `lambda_2`) and the buffers
+    Its state dict contains only what training changes (`gates.log_alpha`, `gates.shared_log_alpha` with shared gates,
+    `lambda_1`, `lambda_2`) and the buffers
     that make a resumed run exact (`gates.rows_sampled`, `initial_sparsity`). The frozen model is left out, so a
     Trainer checkpoint stores a few kilobytes.
 
@@ -417,6 +451,7 @@ class L0MaskObjective(nn.Module):
             limit_right=config.limit_right,
             init_log_alpha=config.init_log_alpha,
             seed=config.seed,
+            shared=config.shared_gates,
         )
         if config.init == "block_influence":
             if init_scores is None:
@@ -435,8 +470,7 @@ class L0MaskObjective(nn.Module):
                 scores, costs, config.target_sparsity, config.init_spread,
                 config.temperature, config.limit_left, config.limit_right,
             )
-            with torch.no_grad():
-                self.gates.log_alpha.copy_(log_alpha)
+            self.gates.set_cluster_log_alpha(log_alpha)
 
         self.lambda_1 = nn.Parameter(torch.zeros(num_clusters))
         self.lambda_2 = nn.Parameter(torch.full((num_clusters,), float(config.init_lambda_2)))
@@ -576,7 +610,8 @@ class L0MaskObjective(nn.Module):
         (`lr_lambdas`, `betas_lambdas`, maximised). Neither has weight decay, which would pull them towards zero."""
         config = self.learning_config
         groups = [
-            {"params": [self.gates.log_alpha], "lr": config.lr_gates, "betas": tuple(config.betas_gates),
+            {"params": [p for p in (self.gates.shared_log_alpha, self.gates.log_alpha) if p is not None],
+             "lr": config.lr_gates, "betas": tuple(config.betas_gates),
              "weight_decay": 0.0},
             {"params": [self.lambda_1, self.lambda_2], "lr": config.lr_lambdas, "betas": tuple(config.betas_lambdas),
              "weight_decay": 0.0, "maximize": True},
@@ -711,13 +746,13 @@ def binarize(gates_or_scores, costs=None, target: float = 0.25, same_count: bool
     Every cluster keeps at least one block; a target that would skip all of them raises a ValueError.
 
     Args:
-        gates_or_scores: `HardConcreteGates` (its `log_alpha` is used) or scores [N, 2L] or [2L], higher = keep.
+        gates_or_scores: `HardConcreteGates` (its `cluster_log_alpha()` is used) or scores [N, 2L] or [2L], higher = keep.
         costs: cost of each block [2L] (any positive scale), e.g. from `block_costs`; None for equal costs.
         target: fraction to skip, in (0, 1).
         same_count: every cluster meets the target on its own (True) or the clusters share the budget (False).
     """
     if isinstance(gates_or_scores, HardConcreteGates):
-        scores = gates_or_scores.log_alpha.detach()
+        scores = gates_or_scores.cluster_log_alpha().detach()
     else:
         scores = torch.as_tensor(gates_or_scores)
     scores = scores.detach().to(torch.float64).cpu()
@@ -914,7 +949,7 @@ def learn_masks(
     with torch.no_grad():
         result = MaskLearningResult(
             mask_bank=bank,
-            gate_scores=objective.gates.log_alpha.tolist(),
+            gate_scores=objective.gates.cluster_log_alpha().tolist(),
             prob_nonzero=objective.gates.prob_nonzero().tolist(),
             expected_sparsity=objective.expected_sparsity().tolist(),
             sparsity=sparsity_report(bank, text_config, config.context_length),
@@ -992,6 +1027,12 @@ def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_cluste
     for name, scores in candidates.items():
         keep = torch.tensor(binarize(scores.unsqueeze(0), costs, config.target_sparsity)[0], dtype=torch.bool)
         losses[name] = _cluster_losses(igp_model, batches, keep, num_clusters)
+    if config.shared_gates:
+        # Shared gates start every cluster from one ranking, chosen on all sampled examples together.
+        totals = {name: float(loss.nansum()) for name, loss in losses.items()}
+        name = "layer" if totals["layer"] < totals["block"] else "block"
+        logger.info("Initial ranking of the shared gates (lower loss over all clusters wins): %s", name)
+        return candidates[name].expand(num_clusters, -1)
     chosen = []
     for cluster in range(num_clusters):
         block_loss, layer_loss = losses["block"][cluster], losses["layer"][cluster]

@@ -97,6 +97,9 @@ def register(subparsers) -> None:
                           default=defaults["init_granularity"],
                           help="with --init block_influence: start from the block ranking (BlockPruner), the layer "
                                "ranking (ShortGPT), or whichever gives each cluster the lower calibration loss")
+    learning.add_argument("--shared-gates", action=argparse.BooleanOptionalAction, default=defaults["shared_gates"],
+                          help="learn each cluster's gates as a shared part trained on every text plus an offset "
+                               "trained on the cluster's own texts")
     learning.add_argument("--warmup-fraction", type=float, default=defaults["target_warmup_fraction"],
                           help="fraction of the steps over which the target rises to --sparsity")
     learning.add_argument("--temperature", type=float, default=defaults["temperature"],
@@ -148,6 +151,7 @@ def build_configs(args):
             loss=args.loss,
             init=args.init,
             init_granularity=args.init_granularity,
+            shared_gates=args.shared_gates,
             temperature=args.temperature,
             lr_gates=args.lr_gates,
             lr_lambdas=args.lr_lambdas,
