@@ -205,6 +205,25 @@ def test_shared_gates_resume_exactly(tmp_path):
     assert "gates.shared_log_alpha" in saved
 
 
+def test_cluster_influence_scope_starts_each_cluster_from_its_own_static_mask(tmp_path):
+    base = tiny_base("qwen3")
+    rows = make_dataset(num_rows=24, num_clusters=2)
+    # Cluster 1 reads one repeated token, so its Block Influence differs from that of the random texts of cluster 0.
+    rows = rows.map(lambda row: {"input_ids": [7] * 16, "labels": [7] * 16} if row["cluster_ids"] == 1 else {})
+    # Zero steps are not allowed; one step at a negligible learning rate keeps the initial ranking.
+    config = quick_config(max_steps=1, lr_gates=1e-9, lr_lambdas=1e-9, init_granularity="block",
+                          influence_scope="cluster", target_sparsity=0.375)
+    result = learn_masks(base, rows, config, str(tmp_path / "run"))
+
+    costs = block_costs(base.config, "blocks")
+    for cluster in range(2):
+        own = [row for row in rows if row["cluster_ids"] == cluster]
+        reference = block_influence(base, [pad_batch(own[start:start + 4]) for start in range(0, len(own), 4)],
+                                    show_progress=False)
+        assert result.mask_bank[cluster] == binarize(reference, costs, 0.375)[0]
+    assert result.mask_bank[0] != result.mask_bank[1]
+
+
 def test_lagrangian_share_sums_over_micro_batches():
     # Four micro-batches of one accumulated batch, each given the batch's target count, add up to one Lagrangian:
     # d(loss)/d(lambda_1) = s - t and d(loss)/d(lambda_2) = (s - t)^2 per cluster.

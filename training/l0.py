@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 LOSSES = ("lm", "kl")
 INITS = ("constant", "block_influence")
 INIT_GRANULARITIES = ("block", "layer", "best")
+INFLUENCE_SCOPES = ("all", "cluster")
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
@@ -101,12 +102,17 @@ class MaskLearningConfig:
     # the block ranking (WikiText-2 99.6 against 201.3). At 8 of 60 the block ranking was better on most domains, so
     # "best" measures the choice for each run instead of fixing it.
 
+    influence_scope: str = "all"
+    """Texts that rank each cluster's initial gates: `"all"` computes Block Influence once, on a sample of every
+    cluster's examples, so all clusters start from one static mask; `"cluster"` computes it on each cluster's own
+    examples (`influence_examples` of them at most), so each cluster starts from the static mask of its own texts."""
+
     shared_gates: bool = False
     """Parameterise cluster c's log-alpha as a shared vector plus an offset of its own, both trained. The shared part
     learns from every example and each offset only from its cluster's examples, so the clusters keep the static
     solution that the whole calibration set supports and leave it only where their own examples keep pushing. With
-    `init="block_influence"` and `init_granularity="best"`, all clusters then start from the one ranking whose loss
-    summed over the clusters is lower."""
+    `init="block_influence"`, `influence_scope="all"` and `init_granularity="best"`, all clusters then start from the one ranking whose loss
+    summed over the clusters is lower. Ignored with one cluster."""
 
     init_log_alpha: float = 3.0
     """Log-alpha of every gate with `init="constant"`; 3.0 gives P(gate != 0) = 0.99."""
@@ -179,6 +185,8 @@ class MaskLearningConfig:
             raise ValueError(f"loss must be 'lm' or 'kl', got {self.loss!r}.")
         if self.init not in INITS:
             raise ValueError(f"init must be 'constant' or 'block_influence', got {self.init!r}.")
+        if self.influence_scope not in INFLUENCE_SCOPES:
+            raise ValueError(f"influence_scope must be 'all' or 'cluster', got {self.influence_scope!r}.")
         if self.init_granularity not in INIT_GRANULARITIES:
             raise ValueError(f"init_granularity must be 'block', 'layer' or 'best', got {self.init_granularity!r}.")
         if not self.limit_left < 0.0 < 1.0 < self.limit_right:
@@ -451,7 +459,8 @@ class L0MaskObjective(nn.Module):
             limit_right=config.limit_right,
             init_log_alpha=config.init_log_alpha,
             seed=config.seed,
-            shared=config.shared_gates,
+            # One cluster has nothing to share, and a second parameter on the same gates would double their step.
+            shared=config.shared_gates and num_clusters > 1,
         )
         if config.init == "block_influence":
             if init_scores is None:
@@ -1007,40 +1016,64 @@ def layer_ranked_scores(block_scores: torch.Tensor, layer_scores: torch.Tensor) 
 
 
 def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_clusters: int) -> torch.Tensor:
-    """Initial importance scores [N, 2L] from the Block Influence of the dense model on a seeded sample of
-    `config.influence_examples` training examples, ranked as `config.init_granularity` selects."""
+    """Initial importance scores [N, 2L] from the Block Influence of the dense model on seeded samples of the training
+    examples (one sample, or one per cluster with `influence_scope="cluster"`), ranked as `config.init_granularity`
+    selects."""
     generator = torch.Generator().manual_seed(config.seed)
-    count = min(config.influence_examples, len(train_dataset))
-    indices = torch.randperm(len(train_dataset), generator=generator)[:count].tolist()
-    rows = [train_dataset[index] for index in indices]
-    batches = [pad_batch(rows[start:start + config.batch_size]) for start in range(0, count, config.batch_size)]
-    influence = influence_scores(model, batches)
-    candidates = {"block": influence["block"], "layer": layer_ranked_scores(influence["block"], influence["layer"])}
-    if config.init_granularity != "best":
-        return candidates[config.init_granularity].expand(num_clusters, -1)
+    if config.influence_scope == "all":
+        count = min(config.influence_examples, len(train_dataset))
+        samples = [torch.randperm(len(train_dataset), generator=generator)[:count].tolist()]
+    else:
+        clusters = torch.tensor([int(train_dataset[index]["cluster_ids"]) for index in range(len(train_dataset))])
+        samples = []
+        for cluster in range(num_clusters):
+            members = (clusters == cluster).nonzero().flatten()
+            order = torch.randperm(members.numel(), generator=generator)[:config.influence_examples]
+            samples.append(members[order].tolist())
 
-    # Each candidate ranking, binarised at the target, is scored by the next-token loss it gives every cluster's
-    # sampled examples. A cluster without sampled examples takes the ranking that is best over all clusters.
     igp_model = _dense_igp_model(model)
     costs = block_costs(igp_model.config.text_config, config.sparsity_unit, config.context_length)
-    losses = {}
-    for name, scores in candidates.items():
-        keep = torch.tensor(binarize(scores.unsqueeze(0), costs, config.target_sparsity)[0], dtype=torch.bool)
-        losses[name] = _cluster_losses(igp_model, batches, keep, num_clusters)
-    if config.shared_gates:
+    candidates, losses = [], []
+    for indices in samples:
+        rows = [train_dataset[index] for index in indices]
+        batches = [pad_batch(rows[start:start + config.batch_size]) for start in range(0, len(rows), config.batch_size)]
+        influence = influence_scores(model, batches)
+        ranking = {"block": influence["block"], "layer": layer_ranked_scores(influence["block"], influence["layer"])}
+        candidates.append(ranking)
+        if config.init_granularity == "best":
+            # Each ranking, binarised at the target, is scored by the next-token loss it gives each cluster's
+            # sampled examples.
+            losses.append({name: _cluster_losses(igp_model, batches, _static_keep(scores, costs, config),
+                                                 num_clusters) for name, scores in ranking.items()})
+    if config.influence_scope == "cluster":
+        losses = [{name: values[cluster:cluster + 1] for name, values in entry.items()}
+                  for cluster, entry in enumerate(losses)]
+    else:
+        candidates, losses = candidates * num_clusters, losses * num_clusters
+    if config.init_granularity != "best":
+        return torch.stack([ranking[config.init_granularity] for ranking in candidates])
+
+    if config.shared_gates and config.influence_scope == "all":
         # Shared gates start every cluster from one ranking, chosen on all sampled examples together.
-        totals = {name: float(loss.nansum()) for name, loss in losses.items()}
+        totals = {name: float(values.nansum()) for name, values in losses[0].items()}
         name = "layer" if totals["layer"] < totals["block"] else "block"
         logger.info("Initial ranking of the shared gates (lower loss over all clusters wins): %s", name)
-        return candidates[name].expand(num_clusters, -1)
+        return candidates[0][name].expand(num_clusters, -1)
     chosen = []
     for cluster in range(num_clusters):
-        block_loss, layer_loss = losses["block"][cluster], losses["layer"][cluster]
-        if block_loss.isnan():
-            block_loss, layer_loss = losses["block"].nansum(), losses["layer"].nansum()
-        chosen.append("layer" if layer_loss < block_loss else "block")
+        # With one sample, losses[cluster] holds every cluster's loss; with one sample per cluster, its own only.
+        own = {name: values[cluster if values.numel() > 1 else 0] for name, values in losses[cluster].items()}
+        if own["block"].isnan():
+            # A cluster without sampled examples takes the ranking that is best over all clusters.
+            own = {name: values.nansum() for name, values in losses[cluster].items()}
+        chosen.append("layer" if own["layer"] < own["block"] else "block")
     logger.info("Initial ranking per cluster (block or layer Block Influence, lower loss wins): %s", chosen)
-    return torch.stack([candidates[name] for name in chosen])
+    return torch.stack([candidates[cluster][name] for cluster, name in enumerate(chosen)])
+
+
+def _static_keep(scores: torch.Tensor, costs: torch.Tensor, config: MaskLearningConfig) -> torch.BoolTensor:
+    """The static mask [2L] that `scores` give when binarised at the target."""
+    return torch.tensor(binarize(scores.unsqueeze(0), costs, config.target_sparsity)[0], dtype=torch.bool)
 
 
 @torch.no_grad()

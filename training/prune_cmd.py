@@ -97,6 +97,9 @@ def register(subparsers) -> None:
                           default=defaults["init_granularity"],
                           help="with --init block_influence: start from the block ranking (BlockPruner), the layer "
                                "ranking (ShortGPT), or whichever gives each cluster the lower calibration loss")
+    learning.add_argument("--influence-scope", choices=("all", "cluster"), default=defaults["influence_scope"],
+                          help="with --init block_influence: rank every cluster's initial gates by Block Influence on "
+                               "a sample of all texts, or each cluster's by Block Influence on its own texts")
     learning.add_argument("--shared-gates", action=argparse.BooleanOptionalAction, default=defaults["shared_gates"],
                           help="learn each cluster's gates as a shared part trained on every text plus an offset "
                                "trained on the cluster's own texts")
@@ -151,6 +154,7 @@ def build_configs(args):
             loss=args.loss,
             init=args.init,
             init_granularity=args.init_granularity,
+            influence_scope=args.influence_scope,
             shared_gates=args.shared_gates,
             temperature=args.temperature,
             lr_gates=args.lr_gates,
