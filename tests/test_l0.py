@@ -143,14 +143,15 @@ def test_open_gates_give_dense_losses():
 
 def test_state_dict_excludes_frozen_model():
     base = tiny_base("qwen3")
-    objective = L0MaskObjective(base, MaskLearningConfig(init="constant"), num_clusters=3)
+    objective = L0MaskObjective(base, MaskLearningConfig(init="constant", shared_gates=False), num_clusters=3)
     assert not any(parameter.requires_grad for parameter in base.parameters())
     trainable = {name for name, parameter in objective.named_parameters() if parameter.requires_grad}
     assert trainable == {"gates.log_alpha", "lambda_1", "lambda_2"}
     state = objective.state_dict()
     assert set(state) == {"gates.log_alpha", "gates.rows_sampled", "lambda_1", "lambda_2", "initial_sparsity"}
 
-    fresh = L0MaskObjective(base, MaskLearningConfig(init="constant", init_log_alpha=0.0), num_clusters=3)
+    fresh = L0MaskObjective(base, MaskLearningConfig(init="constant", init_log_alpha=0.0, shared_gates=False),
+                            num_clusters=3)
     fresh.load_state_dict(state, strict=True)
     assert torch.equal(fresh.gates.log_alpha, objective.gates.log_alpha)
 
@@ -189,10 +190,10 @@ def test_shared_gates_keep_the_cluster_log_alpha_they_are_given():
     assert torch.allclose(gates.eval().sample(torch.arange(3)), plain.eval().sample(torch.arange(3)), atol=1e-6)
 
 
-def test_shared_gates_resume_exactly(tmp_path):
+def test_independent_gates_resume_exactly(tmp_path):
     base = tiny_base("qwen2")
     dataset = make_dataset(num_rows=20, num_clusters=2)
-    config = quick_config(max_steps=6, save_steps=2, lr_gates=0.2, shared_gates=True)
+    config = quick_config(max_steps=6, save_steps=2, lr_gates=0.2, shared_gates=False)
 
     uninterrupted = learn_masks(base, dataset, config, str(tmp_path / "whole"))
     learn_masks(base, dataset, config, str(tmp_path / "parts"), callbacks=[StopAt(4)])
@@ -202,7 +203,7 @@ def test_shared_gates_resume_exactly(tmp_path):
     assert resumed.gate_scores == uninterrupted.gate_scores
     assert resumed.history == uninterrupted.history
     saved = safetensors.torch.load_file(tmp_path / "parts" / "checkpoint-4" / "model.safetensors")
-    assert "gates.shared_log_alpha" in saved
+    assert "gates.shared_log_alpha" not in saved
 
 
 def test_cluster_influence_scope_starts_each_cluster_from_its_own_static_mask(tmp_path):
@@ -286,10 +287,13 @@ def test_layer_ranking_binarizes_to_shortgpt_mask():
     assert half[attention if block_scores[attention] < block_scores[mlp] else mlp] == 0
 
 
-def test_best_init_picks_lower_loss_ranking_per_cluster(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_best_init_picks_lower_loss_ranking(tmp_path, monkeypatch, shared):
+    # Independent gates: each cluster takes the ranking with the lower loss on its examples. Shared gates: one ranking
+    # for all, with the lower loss summed over the clusters.
     base = tiny_base("llama")
     dataset = make_dataset(num_rows=16, num_clusters=2)
-    config = quick_config(max_steps=1, influence_examples=16, target_sparsity=0.5)
+    config = quick_config(max_steps=1, influence_examples=16, target_sparsity=0.5, shared_gates=shared)
     captured = {}
     original = L0MaskObjective.__init__
 
@@ -315,7 +319,10 @@ def test_best_init_picks_lower_loss_ranking_per_cluster(tmp_path, monkeypatch):
                                                          reduction="none").view(16, -1).sum(dim=1)
         losses[name] = [float(token_losses[batch["cluster_ids"] == cluster].sum()) for cluster in range(2)]
     for cluster in range(2):
-        winner = "layer" if losses["layer"][cluster] < losses["block"][cluster] else "block"
+        if shared:
+            winner = "layer" if sum(losses["layer"]) < sum(losses["block"]) else "block"
+        else:
+            winner = "layer" if losses["layer"][cluster] < losses["block"][cluster] else "block"
         assert binarize(captured["scores"][cluster], target=0.5) == binarize(candidates[winner], target=0.5)
 
 
@@ -428,7 +435,8 @@ def test_resume_continues_exactly(tmp_path):
         "rng_state.json", "trainer_state.json", "training_args.json",
     }
     saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
-    assert set(saved) == {"gates.log_alpha", "gates.rows_sampled", "lambda_1", "lambda_2", "initial_sparsity"}
+    assert set(saved) == {"gates.shared_log_alpha", "gates.log_alpha", "gates.rows_sampled", "lambda_1", "lambda_2",
+                          "initial_sparsity"}
     summary = json.loads((tmp_path / "parts" / "mask_learning.json").read_text())
     assert summary["mask_bank"] == resumed.mask_bank
 

@@ -107,12 +107,14 @@ class MaskLearningConfig:
     cluster's examples, so all clusters start from one static mask; `"cluster"` computes it on each cluster's own
     examples (`influence_examples` of them at most), so each cluster starts from the static mask of its own texts."""
 
-    shared_gates: bool = False
+    shared_gates: bool = True
     """Parameterise cluster c's log-alpha as a shared vector plus an offset of its own, both trained. The shared part
     learns from every example and each offset only from its cluster's examples, so the clusters keep the static
     solution that the whole calibration set supports and leave it only where their own examples keep pushing. With
-    `init="block_influence"`, `influence_scope="all"` and `init_granularity="best"`, all clusters then start from the one ranking whose loss
-    summed over the clusters is lower. Ignored with one cluster."""
+    `init="block_influence"`, `influence_scope="all"` and `init_granularity="best"`, all clusters then start from
+    the one ranking whose loss summed over the clusters is lower. Ignored with one cluster."""
+    # NOTE: on SmolLM2 with 16 of 60 blocks skipped and N = 8, shared gates beat independent ones on 4 of 5 held-out
+    # domains and on zero-shot mean, but 7 of the 8 masks came out identical, so the bank is close to one static mask.
 
     init_log_alpha: float = 3.0
     """Log-alpha of every gate with `init="constant"`; 3.0 gives P(gate != 0) = 0.99."""
