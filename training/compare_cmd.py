@@ -336,7 +336,7 @@ def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str 
     (output_dir / "compare.json").write_text(json.dumps(content, indent=2) + "\n")
     (output_dir / "compare.md").write_text(format_markdown_table(header, cells) + "\n")
 
-    # A plot without data would be an empty frame; leave it out and say why.
+    # A plot without data would be an empty frame, so it is left out with a log line.
     written = ["compare.json", "compare.md"]
     if any(row["mean_accuracy"] is not None for row in rows):
         written.append(plot_accuracy_vs_sparsity(rows, groups, output_dir / "accuracy_vs_sparsity.png").name)

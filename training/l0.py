@@ -103,9 +103,9 @@ class MaskLearningConfig:
     # "best" measures the choice for each run instead of fixing it.
 
     influence_scope: str = "all"
-    """Texts that rank each cluster's initial gates: `"all"` computes Block Influence once, on a sample of every
-    cluster's examples, so all clusters start from one static mask; `"cluster"` computes it on each cluster's own
-    examples (`influence_examples` of them at most), so each cluster starts from the static mask of its own texts."""
+    """Texts whose Block Influence ranks each cluster's initial gates. `"all"`: one sample of every cluster's
+    examples, so all clusters start from one static mask. `"cluster"`: each cluster's own examples
+    (`influence_examples` of them at most), so each cluster starts from the static mask of its own texts."""
 
     shared_gates: bool = True
     """Parameterise cluster c's log-alpha as a shared vector plus an offset of its own, both trained. The shared part
@@ -274,7 +274,7 @@ class HardConcreteGates(nn.Module):
         return self.shared_log_alpha + self.log_alpha
 
     def set_cluster_log_alpha(self, log_alpha: torch.Tensor) -> None:
-        """Set every cluster's log-alpha [num_clusters, num_blocks]; with sharing, the mean over clusters becomes the
+        """Set every cluster's log-alpha [num_clusters, num_blocks]. With sharing, the mean over clusters becomes the
         shared part and the rest the offsets."""
         with torch.no_grad():
             log_alpha = log_alpha.to(self.log_alpha)
@@ -1063,7 +1063,7 @@ def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_cluste
         return candidates[0][name].expand(num_clusters, -1)
     chosen = []
     for cluster in range(num_clusters):
-        # With one sample, losses[cluster] holds every cluster's loss; with one sample per cluster, its own only.
+        # With one sample, losses[cluster] contains every cluster's loss, and with one sample per cluster its own.
         own = {name: values[cluster if values.numel() > 1 else 0] for name, values in losses[cluster].items()}
         if own["block"].isnan():
             # A cluster without sampled examples takes the ranking that is best over all clusters.
@@ -1074,7 +1074,7 @@ def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_cluste
 
 
 def _static_keep(scores: torch.Tensor, costs: torch.Tensor, config: MaskLearningConfig) -> torch.BoolTensor:
-    """The static mask [2L] that `scores` give when binarised at the target."""
+    """Return the static mask [2L] that `scores` give when binarised at the target."""
     return torch.tensor(binarize(scores.unsqueeze(0), costs, config.target_sparsity)[0], dtype=torch.bool)
 
 
