@@ -292,7 +292,8 @@ def test_best_init_picks_lower_loss_ranking(tmp_path, monkeypatch, shared):
     # Independent gates: each cluster takes the ranking with the lower loss on its examples. Shared gates: one ranking
     # for all, with the lower loss summed over the clusters.
     base = tiny_base("llama")
-    dataset = make_dataset(num_rows=16, num_clusters=2)
+    # Clusters of 12 and 4 rows, so that a sum over all tokens and a sum of the two cluster means could disagree.
+    dataset = make_dataset(num_rows=16).map(lambda row, index: {"cluster_ids": int(index >= 12)}, with_indices=True)
     config = quick_config(max_steps=1, influence_examples=16, target_sparsity=0.5, shared_gates=shared)
     captured = {}
     original = L0MaskObjective.__init__
@@ -317,7 +318,8 @@ def test_best_init_picks_lower_loss_ranking(tmp_path, monkeypatch, shared):
             logits = base(input_ids=batch["input_ids"]).logits
         token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                                          reduction="none").view(16, -1).sum(dim=1)
-        losses[name] = [float(token_losses[batch["cluster_ids"] == cluster].sum()) for cluster in range(2)]
+        # Mean loss per target token of each cluster (every row has 15 targets).
+        losses[name] = [float(token_losses[batch["cluster_ids"] == cluster].mean()) / 15 for cluster in range(2)]
     for cluster in range(2):
         if shared:
             winner = "layer" if sum(losses["layer"]) < sum(losses["block"]) else "block"
@@ -362,7 +364,8 @@ class RecordGradients(TrainerCallback):
         self.gradients = []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        parameters = (self.objective.gates.log_alpha, self.objective.lambda_1, self.objective.lambda_2)
+        gates = self.objective.gates
+        parameters = (gates.log_alpha, self.objective.lambda_1, self.objective.lambda_2, gates.shared_log_alpha)
         self.gradients.append([parameter.grad.detach().clone() for parameter in parameters])
 
 
@@ -397,6 +400,7 @@ def test_gradient_accumulation_gives_same_update(tmp_path):
 
     assert int(single.gates.rows_sampled) == int(accumulated.gates.rows_sampled) == 24
     assert torch.allclose(single.gates.log_alpha, accumulated.gates.log_alpha, atol=1e-5)
+    assert torch.allclose(single.gates.shared_log_alpha, accumulated.gates.shared_log_alpha, atol=1e-5)
     assert torch.allclose(single.lambda_1, accumulated.lambda_1, atol=1e-5)
     assert torch.allclose(single.lambda_2, accumulated.lambda_2, atol=1e-5)
 

@@ -153,6 +153,25 @@ def test_no_checkpoints_left(pruned):
     assert not (output_dir / "mask_learning").exists()
 
 
+def test_resume_accepts_settings_saved_before_shared_gates(tiny_model_dir, tmp_path):
+    # A run saved before shared gates and influence scopes existed used independent gates and one sample.
+    from igp_training import pipeline
+
+    config = run_config(tiny_model_dir, tmp_path / "run", resume=True)
+    learning_dir = tmp_path / "run" / "mask_learning"
+    (learning_dir / "checkpoint-2").mkdir(parents=True)
+    old_behaviour = replace(LEARNING, shared_gates=False, influence_scope="all")
+    pipeline._record_resume_settings(learning_dir, replace(config, resume=False), old_behaviour)
+    path = learning_dir / "run_settings.json"
+    saved = json.loads(path.read_text())
+    del saved["mask_learning"]["shared_gates"], saved["mask_learning"]["influence_scope"]
+    path.write_text(json.dumps(saved))
+
+    pipeline._record_resume_settings(learning_dir, config, old_behaviour)
+    with pytest.raises(ValueError, match=r"shared_gates \(False -> True\)"):
+        pipeline._record_resume_settings(learning_dir, config, replace(LEARNING, shared_gates=True))
+
+
 def test_resume_after_interruption(pruned, tiny_model_dir, tmp_path, monkeypatch):
     result, _ = pruned
     output_dir = tmp_path / "resumed"

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
         description=(
             "Read the evaluation (igp_eval.json) and run record (igp_run.json) of each model folder and write a "
             "comparison: a table on stdout, compare.json, compare.md, and plots of accuracy against sparsity, "
-            "perplexity per domain and the mask banks side by side. Models of the same method and sparsity (random "
+            "perplexity per domain and the mask banks side by side (a plot without results is left out). Models of "
+            "the same method and sparsity (random "
             "masks with different seeds) are also summarised by their mean and standard deviation."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -307,7 +308,8 @@ def plot_masks(rows: list[dict], path: Path) -> Path:
 
 def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str | Path | None = None,
             reference: str | Path | None = None) -> dict:
-    """Write compare.json, compare.md and the plots for the evaluated models; return the JSON content."""
+    """Write compare.json, compare.md and the plots that have data for the evaluated models; return the JSON
+    content, with the names of the written files under `files`."""
     rows = [describe_model(Path(model_dir), Path(eval_dir) if eval_dir else None) for model_dir in model_dirs]
     groups = group_rows(rows)
     if reference is not None:
@@ -336,15 +338,18 @@ def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str 
     (output_dir / "compare.json").write_text(json.dumps(content, indent=2) + "\n")
     (output_dir / "compare.md").write_text(format_markdown_table(header, cells) + "\n")
 
-    # A plot without data would be an empty frame, so it is left out with a log line.
+    # A plot without data would be an empty frame, so it is left out with a log line. An earlier comparison's plot
+    # of the same name is removed too, because it would not match this compare.json.
     written = ["compare.json", "compare.md"]
     if any(row["mean_accuracy"] is not None for row in rows):
         written.append(plot_accuracy_vs_sparsity(rows, groups, output_dir / "accuracy_vs_sparsity.png").name)
     else:
+        (output_dir / "accuracy_vs_sparsity.png").unlink(missing_ok=True)
         logger.info("No model has zero-shot results; accuracy_vs_sparsity.png is not drawn (run igp eval --tasks).")
     if any(row["perplexity"] for row in rows):
         written.append(plot_perplexity(rows, output_dir / "perplexity.png").name)
     else:
+        (output_dir / "perplexity.png").unlink(missing_ok=True)
         logger.info("No model has perplexity results; perplexity.png is not drawn (run igp eval --ppl).")
     written.append(plot_masks(rows, output_dir / "masks.png").name)
     content["table"] = format_text_table(header, cells)

@@ -95,9 +95,9 @@ class MaskLearningConfig:
     init_granularity: str = "best"
     """Static ranking the gates start from, with `init="block_influence"` and no `init_scores` given. `"block"` ranks
     the 2L blocks by their own Block Influence (BlockPruner). `"layer"` ranks whole layers by their Block Influence and
-    the two blocks of a layer by theirs (ShortGPT). `"best"` binarises both rankings at the target and starts each
-    cluster from the one whose mask gives the lower task loss on that cluster's share of the Block Influence
-    examples."""
+    the two blocks of a layer by theirs (ShortGPT). `"best"` binarises both rankings at the target and keeps the one
+    whose mask gives the lower task loss on the Block Influence examples: per cluster with independent gates or with
+    `influence_scope="cluster"`, and one for all clusters (summed over them) with shared gates."""
     # NOTE: on SmolLM2 with 16 of 60 blocks skipped, the layer ranking (ShortGPT) gave half the held-out perplexity of
     # the block ranking (WikiText-2 99.6 against 201.3). At 8 of 60 the block ranking was better on most domains, so
     # "best" measures the choice for each run instead of fixing it.
@@ -112,7 +112,9 @@ class MaskLearningConfig:
     learns from every example and each offset only from its cluster's examples, so the clusters keep the static
     solution that the whole calibration set supports and leave it only where their own examples keep pushing. With
     `init="block_influence"`, `influence_scope="all"` and `init_granularity="best"`, all clusters then start from
-    the one ranking whose loss summed over the clusters is lower. Ignored with one cluster."""
+    the one ranking whose loss summed over the clusters is lower. Ignored with one cluster.
+
+    Both parts move by up to `lr_gates` a step, so a cluster's log-alpha moves by up to twice that."""
     # NOTE: on SmolLM2 with 16 of 60 blocks skipped and N = 8, shared gates beat independent ones on 4 of 5 held-out
     # domains and on zero-shot mean, but 7 of the 8 masks came out identical, so the bank is close to one static mask.
 
@@ -176,7 +178,8 @@ class MaskLearningConfig:
     mean meets it (False)."""
 
     influence_examples: int = 64
-    """Calibration examples (seeded sample) used to compute Block Influence for `init="block_influence"`."""
+    """Calibration examples (seeded sample) used to compute Block Influence for `init="block_influence"`: in all, or
+    per cluster with `influence_scope="cluster"`."""
 
     def __post_init__(self):
         if not 0.0 < self.target_sparsity < 1.0:
@@ -895,9 +898,9 @@ def learn_masks(
         config: the run's settings.
         output_dir: folder for Trainer checkpoints (if `config.save_steps`) and `mask_learning.json`.
         num_clusters: N; defaults to the largest cluster id + 1.
-        init_scores: scores [2L] or [N, 2L] for `init="block_influence"`; by default Block Influence is computed on
-            `config.influence_examples` examples drawn from `train_dataset` and ranked as `config.init_granularity`
-            says.
+        init_scores: scores [2L] or [N, 2L] for `init="block_influence"`. By default Block Influence is computed on
+            `config.influence_examples` examples drawn from `train_dataset` (from each cluster with
+            `config.influence_scope="cluster"`) and ranked as `config.init_granularity` selects.
         resume_from_checkpoint: a checkpoint folder, or True for the latest in `output_dir`, to continue a run.
         callbacks: extra `TrainerCallback`s.
     """
@@ -1056,7 +1059,8 @@ def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_cluste
         return torch.stack([ranking[config.init_granularity] for ranking in candidates])
 
     if config.shared_gates and config.influence_scope == "all":
-        # Shared gates start every cluster from one ranking, chosen on all sampled examples together.
+        # Shared gates start every cluster from one ranking: the one whose mean losses, summed over the clusters, are
+        # lower, so that every cluster weighs the same whatever its size.
         totals = {name: float(values.nansum()) for name, values in losses[0].items()}
         name = "layer" if totals["layer"] < totals["block"] else "block"
         logger.info("Initial ranking of the shared gates (lower loss over all clusters wins): %s", name)

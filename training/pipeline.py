@@ -28,6 +28,8 @@ MASK_BANK_PLOT = "mask_bank.png"
 TRAINING_PLOT = "training_curves.png"
 # Settings of a run, written beside its mask-learning checkpoints so that a resume can check them.
 RESUME_SETTINGS = "run_settings.json"
+# Mask-learning settings that igp added later, with the behaviour of the versions before them.
+RESUME_SETTINGS_ADDED = {"shared_gates": False, "influence_scope": "all"}
 MASK_LEARNING_SUBFOLDER = "mask_learning"
 
 
@@ -342,6 +344,9 @@ def _record_resume_settings(learning_dir: Path, config: PruneConfig, mask_learni
 
     if config.resume and _last_checkpoint(learning_dir) and path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        # Settings added after a run was saved take the value that the run's version of igp used.
+        for name, value in RESUME_SETTINGS_ADDED.items():
+            saved.setdefault("mask_learning", {}).setdefault(name, value)
         changed = [
             f"{name} ({saved.get(section, {}).get(name)!r} -> {value!r})"
             for section, values in settings.items()

@@ -96,13 +96,14 @@ def register(subparsers) -> None:
     learning.add_argument("--init-granularity", choices=("best", "block", "layer"),
                           default=defaults["init_granularity"],
                           help="with --init block_influence: start from the block ranking (BlockPruner), the layer "
-                               "ranking (ShortGPT), or whichever gives each cluster the lower calibration loss")
+                               "ranking (ShortGPT), or whichever gives the lower calibration loss (per cluster, or "
+                               "summed over the clusters with shared gates)")
     learning.add_argument("--influence-scope", choices=("all", "cluster"), default=defaults["influence_scope"],
                           help="with --init block_influence: rank every cluster's initial gates by Block Influence on "
                                "a sample of all texts, or each cluster's by Block Influence on its own texts")
     learning.add_argument("--shared-gates", action=argparse.BooleanOptionalAction, default=defaults["shared_gates"],
                           help="learn each cluster's gates as a shared part trained on every text plus an offset "
-                               "trained on the cluster's own texts")
+                               "trained on the cluster's own texts (ignored with one cluster)")
     learning.add_argument("--warmup-fraction", type=float, default=defaults["target_warmup_fraction"],
                           help="fraction of the steps over which the target rises to --sparsity")
     learning.add_argument("--temperature", type=float, default=defaults["temperature"],
