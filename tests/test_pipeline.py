@@ -153,7 +153,7 @@ def test_no_checkpoints_left(pruned):
     assert not (output_dir / "mask_learning").exists()
 
 
-def test_resume_accepts_settings_saved_before_shared_gates(tiny_model_dir, tmp_path):
+def test_resume_accepts_older_settings_file(tiny_model_dir, tmp_path):
     # A run saved before shared gates and influence scopes existed used independent gates and one sample.
     from igp_training import pipeline
 
