@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job of mask discovery on real input: SmolLM2-135M-Instruct, calibration from the six text sources of
-# ../shared/data, N = 8 clusters, 25% of the blocks skipped; then the held-out perplexity matrix.
+# The main job of mask discovery on real input: SmolLM2-135M-Instruct, calibration from six real text sources of the
+# benchmark data folder, N = 8 clusters, 25% of the blocks skipped; then the held-out perplexity matrix.
 #
 #   bash benchmarks/main_job.sh            # OUT=runs/main-job by default; extra arguments go to `igp prune`
 set -euo pipefail
@@ -15,6 +15,7 @@ $DATA/redpajama_sample/sample_stackexchange1.jsonl@64,$DATA/redpajama_sample/sam
 $DATA/instruction/seed_tasks.jsonl:instruction+instances.input+instances.output@64,\
 $DATA/dialogue/dialogues_001.json:turns.utterance@64"
 
-.venv/bin/igp prune --clusters 8 --sparsity 0.25 --calibration "$CALIBRATION" --heldout 32 --output "$OUT" \
-    --resume "$@"
+# A finished run is kept, so that the matrix can be computed again on its own.
+[ -f "$OUT/config.json" ] || .venv/bin/igp prune --clusters 8 --sparsity 0.25 --calibration "$CALIBRATION" \
+    --heldout 32 --output "$OUT" --resume "$@"
 .venv/bin/python benchmarks/main_job.py --run "$OUT"
