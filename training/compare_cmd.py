@@ -308,8 +308,9 @@ def plot_masks(rows: list[dict], path: Path) -> Path:
 
 def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str | Path | None = None,
             reference: str | Path | None = None) -> dict:
-    """Write compare.json, compare.md and the plots that have data for the evaluated models; return the JSON
-    content, with the names of the written files under `files`."""
+    """Write compare.json, compare.md and the plots that have data for the evaluated models.
+
+    Returns the JSON content, with the names of the written files under `files`."""
     rows = [describe_model(Path(model_dir), Path(eval_dir) if eval_dir else None) for model_dir in model_dirs]
     groups = group_rows(rows)
     if reference is not None:

@@ -1021,9 +1021,9 @@ def layer_ranked_scores(block_scores: torch.Tensor, layer_scores: torch.Tensor) 
 
 
 def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_clusters: int) -> torch.Tensor:
-    """Initial importance scores [N, 2L] from the Block Influence of the dense model on seeded samples of the training
-    examples (one sample, or one per cluster with `influence_scope="cluster"`), ranked as `config.init_granularity`
-    selects."""
+    """Compute initial importance scores [N, 2L] from the dense model's Block Influence on seeded samples of the
+    training examples (one sample, or one per cluster with `influence_scope="cluster"`), ranked as
+    `config.init_granularity` selects."""
     generator = torch.Generator().manual_seed(config.seed)
     if config.influence_scope == "all":
         count = min(config.influence_examples, len(train_dataset))
@@ -1050,10 +1050,7 @@ def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_cluste
             # sampled examples.
             losses.append({name: _cluster_losses(igp_model, batches, _static_keep(scores, costs, config),
                                                  num_clusters) for name, scores in ranking.items()})
-    if config.influence_scope == "cluster":
-        losses = [{name: values[cluster:cluster + 1] for name, values in entry.items()}
-                  for cluster, entry in enumerate(losses)]
-    else:
+    if config.influence_scope == "all":
         candidates, losses = candidates * num_clusters, losses * num_clusters
     if config.init_granularity != "best":
         return torch.stack([ranking[config.init_granularity] for ranking in candidates])
@@ -1067,8 +1064,8 @@ def _initial_scores(model, train_dataset, config: MaskLearningConfig, num_cluste
         return candidates[0][name].expand(num_clusters, -1)
     chosen = []
     for cluster in range(num_clusters):
-        # With one sample, losses[cluster] contains every cluster's loss, and with one sample per cluster its own.
-        own = {name: values[cluster if values.numel() > 1 else 0] for name, values in losses[cluster].items()}
+        # losses[cluster] comes from the sample that ranked this cluster, and entry `cluster` is its own loss there.
+        own = {name: values[cluster] for name, values in losses[cluster].items()}
         if own["block"].isnan():
             # A cluster without sampled examples takes the ranking that is best over all clusters.
             own = {name: values.nansum() for name, values in losses[cluster].items()}
