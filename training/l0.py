@@ -312,7 +312,8 @@ class HardConcreteGates(nn.Module):
 
     def prob_nonzero(self) -> torch.Tensor:
         """Return P(gate != 0) [num_clusters, num_blocks] = sigmoid(log_alpha - beta * log(-l / r))."""
-        return torch.sigmoid(self.cluster_log_alpha() - self.temperature * math.log(-self.limit_left / self.limit_right))
+        shift = self.temperature * math.log(-self.limit_left / self.limit_right)
+        return torch.sigmoid(self.cluster_log_alpha() - shift)
 
     def expected_sparsity(self, costs: torch.Tensor) -> torch.Tensor:
         """Return each cluster's expected skipped cost [num_clusters] = sum_k cost_k * P(gate_k == 0)."""
@@ -760,7 +761,8 @@ def binarize(gates_or_scores, costs=None, target: float = 0.25, same_count: bool
     Every cluster keeps at least one block; a target that would skip all of them raises a ValueError.
 
     Args:
-        gates_or_scores: `HardConcreteGates` (its `cluster_log_alpha()` is used) or scores [N, 2L] or [2L], higher = keep.
+        gates_or_scores: `HardConcreteGates` (its `cluster_log_alpha()` is used) or scores [N, 2L] or [2L],
+            higher = keep.
         costs: cost of each block [2L] (any positive scale), e.g. from `block_costs`; None for equal costs.
         target: fraction to skip, in (0, 1).
         same_count: every cluster meets the target on its own (True) or the clusters share the budget (False).
