@@ -139,6 +139,14 @@ def main() -> None:
             metadata["world_size"] = os.environ.get("WORLD_SIZE", "1")
             save_file(values, str(Path(args.output) / f"{task}.safetensors"), metadata=metadata)
 
+    # A process that exits with its process group alive can abort in the group's threads ("terminate called without
+    # an active exception"), which torchrun reports as a failed rank.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
