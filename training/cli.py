@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "card_cmd",
     "push_cmd",
     "baseline_cmd",
+    "refine_cmd",
     "eval_cmd",
     "compare_cmd",
 ]
