@@ -153,6 +153,25 @@ def test_no_checkpoints_left(pruned):
     assert not (output_dir / "mask_learning").exists()
 
 
+def test_refinement_keeps_block_counts_and_is_recorded(tiny_model_dir, tmp_path):
+    from igp_training.prune_cmd import format_summary
+    from igp_training.refine import MaskRefinementConfig
+
+    refine = MaskRefinementConfig(rounds=1, window=2, min_improvement=0.0, max_examples=4)
+    result = prune(run_config(tiny_model_dir, tmp_path, refine=refine), LEARNING, argv=["igp", "prune", "(test)"])
+    record = json.loads((tmp_path / RUN_RECORD_FILE).read_text())
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+
+    learned, refined = record["refinement"]["initial_mask_bank"], record["masks"]["mask_bank"]
+    assert saved.config.mask_bank == refined
+    assert [sum(mask) for mask in refined] == [sum(mask) for mask in learned]
+    for entry in record["refinement"]["clusters"]:
+        assert entry["examples"] == 4
+        assert entry["final_loss"] <= entry["initial_loss"]
+    assert "refinement" in record["timings_s"]
+    assert "refinement changed" in format_summary(result.record, tmp_path)
+
+
 def test_resume_accepts_older_settings_file(tiny_model_dir, tmp_path):
     # A run saved before shared gates and influence scopes existed used independent gates and one sample.
     from igp_training import pipeline

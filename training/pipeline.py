@@ -13,13 +13,17 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .data import DEFAULT_CALIBRATION, load_calibration, tokenize_calibration
+
+if TYPE_CHECKING:
+    from .refine import MaskRefinementConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +98,11 @@ class PruneConfig:
 
     overwrite: bool = False
     """Allow writing into an `output_dir` that already contains a saved model."""
+
+    refine: "MaskRefinementConfig | None" = None
+    """Refine the learned masks by each cluster's measured calibration loss (`igp_training.refine`) before saving,
+    or None to save the binarised masks as learned. Its sparsity unit, context length and seed come from this
+    config."""
 
 
 @dataclass
@@ -177,6 +186,7 @@ def prune(config: PruneConfig, mask_learning=None, argv: list[str] | None = None
 
     from . import l0
     from .clustering import cluster_texts, load_encoder
+    from .refine import refine_masks
 
     try:
         validate_prune_config(config)
@@ -240,7 +250,14 @@ def prune(config: PruneConfig, mask_learning=None, argv: list[str] | None = None
     with timer("mask learning"):
         learned = l0.learn_masks(base, dataset, mask_learning, str(learning_dir), num_clusters=config.num_clusters,
                                  resume_from_checkpoint=resume_from)
-    mask_bank = np.asarray(learned.mask_bank, dtype=np.int64)
+    refined = None
+    if config.refine is not None:
+        with timer("refinement"):
+            refined = refine_masks(base, dataset, learned.mask_bank, learned.gate_scores,
+                                   replace(config.refine, sparsity_unit=config.sparsity_unit,
+                                           context_length=config.context_length, seed=config.seed),
+                                   num_clusters=config.num_clusters)
+    mask_bank = np.asarray(refined.mask_bank if refined else learned.mask_bank, dtype=np.int64)
     if not config.keep_checkpoints:
         # The run record keeps everything mask_learning.json has; the folder only mattered for resuming.
         shutil.rmtree(learning_dir, ignore_errors=True)
@@ -256,6 +273,8 @@ def prune(config: PruneConfig, mask_learning=None, argv: list[str] | None = None
             clustering=clustering, heldout_routing=heldout_routing, num_tokens=num_tokens, learned=learned,
             mask_bank=mask_bank, timings=timer.seconds,
         )
+        if refined is not None:
+            record["refinement"] = refinement_summary(refined, learned.mask_bank)
         plot_mask_bank(mask_bank, output_dir / MASK_BANK_PLOT, cluster_sizes=clustering.sizes,
                        sparsity=record["masks"]["sparsity"]["blocks"])
         plot_training_curves(record["mask_learning"]["history"], config.sparsity, output_dir / TRAINING_PLOT)
@@ -334,7 +353,8 @@ def _record_resume_settings(learning_dir: Path, config: PruneConfig, mask_learni
     """Write the settings that shape mask learning beside its checkpoints, or, when resuming from a checkpoint, raise
     `ValueError` naming each setting that differs from the interrupted run's."""
     # Checkpointing and output handling do not change what is learned, so they may differ between the two runs.
-    ignored = {"output_dir", "resume", "overwrite", "keep_checkpoints", "save_steps", "logging_steps"}
+    # Refinement runs after mask learning, so it does not change what a checkpoint holds either.
+    ignored = {"output_dir", "resume", "overwrite", "keep_checkpoints", "save_steps", "logging_steps", "refine"}
     settings = {
         "prune": {name: value for name, value in asdict(config).items() if name not in ignored},
         "mask_learning": {name: value for name, value in mask_learning.to_dict().items() if name not in ignored},
@@ -367,8 +387,6 @@ def _record_resume_settings(learning_dir: Path, config: PruneConfig, mask_learni
 
 def _mask_learning_config(mask_learning, config: PruneConfig):
     """Return a `MaskLearningConfig` whose target, unit, context length, seed and checkpointing come from `config`."""
-    from dataclasses import replace
-
     from .l0 import MaskLearningConfig
 
     mask_learning = mask_learning if mask_learning is not None else MaskLearningConfig()
@@ -492,6 +510,17 @@ def _learning_summary(learned) -> dict:
         "final_lambda_1": history[-1]["lambda_1"] if history else None,
         "final_lambda_2": history[-1]["lambda_2"] if history else None,
         "history": history,
+    }
+
+
+def refinement_summary(refined, initial_mask_bank) -> dict:
+    """The run-record entry of a mask refinement: the masks it started from and what it did per cluster."""
+    return {
+        "initial_mask_bank": [list(map(int, mask)) for mask in initial_mask_bank],
+        "clusters": refined.clusters,
+        "candidates_scored": refined.candidates_scored,
+        "wall_time_s": round(refined.wall_time_s, 2),
+        "config": refined.config,
     }
 
 

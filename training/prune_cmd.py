@@ -115,6 +115,17 @@ def register(subparsers) -> None:
     learning.add_argument("--keep-checkpoints", action="store_true",
                           help="keep mask-learning checkpoints after the run finishes")
     learning.add_argument("--logging-steps", type=int, default=25, help="steps between training log lines")
+
+    refinement = parser.add_argument_group("mask refinement (after mask learning)")
+    refinement.add_argument("--refine", action="store_true",
+                            help="refine each cluster's mask by its measured calibration loss: take the bank's best "
+                                 "mask for the cluster, then swap kept and skipped blocks near the cut while the "
+                                 "loss falls (same sparsity)")
+    refinement.add_argument("--refine-rounds", type=int, default=2, help="swap rounds per cluster (0: bank choice only)")
+    refinement.add_argument("--refine-window", type=int, default=3,
+                            help="blocks on each side of the cut, by gate score, that may swap")
+    refinement.add_argument("--refine-examples", type=int, default=16,
+                            help="calibration texts per cluster that score each candidate mask")
     parser.set_defaults(func=run)
 
 
@@ -172,6 +183,16 @@ def build_configs(args):
     except ValueError as error:
         raise UsageError(str(error)) from error
 
+    refine = None
+    if args.refine:
+        from .refine import MaskRefinementConfig
+
+        try:
+            refine = MaskRefinementConfig(rounds=args.refine_rounds, window=args.refine_window,
+                                          max_examples=args.refine_examples)
+        except ValueError as error:
+            raise UsageError(f"--refine: {error}") from error
+
     config = PruneConfig(
         output_dir=args.output,
         model=args.model,
@@ -191,6 +212,7 @@ def build_configs(args):
         overwrite=args.overwrite,
         save_steps=args.save_steps or None,
         keep_checkpoints=args.keep_checkpoints,
+        refine=refine,
     )
     return config, learning
 
@@ -281,6 +303,13 @@ def format_summary(record: dict, output_dir) -> str:
             f"parameters, {100 * sparsity['flops'][cluster]:.1f}% of block FLOPs"
         )
         lines.append(f"    skipped: {', '.join(masks['skipped_blocks'][cluster])}")
+    if "refinement" in record:
+        refinement = record["refinement"]
+        changed = sum(old != new for old, new in zip(refinement["initial_mask_bank"], masks["mask_bank"]))
+        losses = ", ".join(f"{entry['initial_loss']:.3f} -> {entry['final_loss']:.3f}"
+                           for entry in refinement["clusters"] if entry["initial_loss"] is not None)
+        lines.append(f"  refinement changed {changed} of {len(masks['mask_bank'])} masks; calibration loss per "
+                     f"cluster: {losses}")
     timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in record["timings_s"].items())
     lines.append(f"  time: {timings}")
     return "\n".join(lines)
