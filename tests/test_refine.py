@@ -76,7 +76,7 @@ def single_swaps(mask):
 BANK = [[1, 1, 0, 1, 1, 0, 1, 1], [1, 0, 1, 1, 0, 1, 1, 1]]
 
 
-def test_one_full_window_round_finds_the_best_single_swap(base, dataset):
+def test_full_window_finds_best_swap(base, dataset):
     scores = torch.randn(2, 2 * NUM_LAYERS, generator=torch.Generator().manual_seed(0))
     config = MaskRefinementConfig(rounds=1, window=2 * NUM_LAYERS, use_bank=False, min_improvement=0.0,
                                   max_examples=len(TEXTS))
@@ -91,7 +91,7 @@ def test_one_full_window_round_finds_the_best_single_swap(base, dataset):
         assert result.clusters[cluster]["initial_loss"] == pytest.approx(losses[0], rel=1e-4)
 
 
-def test_bank_choice_takes_the_mask_with_the_lowest_cluster_loss(base, dataset):
+def test_bank_choice_picks_lowest_loss(base, dataset):
     config = MaskRefinementConfig(rounds=0, min_improvement=0.0, max_examples=len(TEXTS))
 
     result = refine_masks(base, dataset, BANK, torch.zeros(2, 2 * NUM_LAYERS), config)

@@ -1,11 +1,11 @@
 """Per-cluster mask refinement: a local search that checks the learned masks against each cluster's real loss.
 
 L0 training ranks blocks through sampled gates, and with few examples per cluster the binarised masks near the cut
-are noisy. This step measures instead of estimating. For each cluster it scores, on a seeded sample of the cluster's
-own calibration examples, (1) the bank's other masks and then (2) swaps of one kept block for one skipped block near
-the cut (the kept blocks with the lowest gate scores against the skipped blocks with the highest). The cluster keeps
-the best candidate while it lowers the loss by at least `min_improvement`. A swap never lowers the skipped cost, so
-every refined mask still meets the sparsity target.
+are noisy. This step measures the loss instead. Candidates are scored on a seeded sample of the cluster's own
+calibration examples: first the bank's other masks, then swaps of one kept block for one skipped block near the cut.
+Near the cut means the kept blocks with the lowest gate scores and the skipped blocks with the highest. The cluster
+takes the best candidate as long as it lowers the loss by at least `min_improvement`. A swap never lowers the skipped
+cost, so every refined mask still meets the sparsity target.
 """
 
 import logging
@@ -28,7 +28,8 @@ class MaskRefinementConfig:
     """Settings of `refine_masks`."""
 
     rounds: int = 2
-    """Swap rounds per cluster. Each round scores every candidate swap and applies the best one; 0 turns swaps off."""
+    """Swap rounds per cluster. Each round scores every candidate swap and applies the best one, and 0 turns swaps
+    off."""
 
     window: int = 3
     """Blocks on each side of the cut that may swap: the `window` kept blocks with the lowest gate scores and the
@@ -49,7 +50,7 @@ class MaskRefinementConfig:
     """Examples per forward pass."""
 
     sparsity_unit: str = "blocks"
-    """Unit that costs the blocks (as in `MaskLearningConfig`); a swap may not lower the skipped cost in it."""
+    """Unit that costs the blocks, as in `MaskLearningConfig`. A swap may not lower the skipped cost in it."""
 
     context_length: int = DEFAULT_CONTEXT_LENGTH
     """Keys per token when costing blocks in FLOPs."""
@@ -133,7 +134,7 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
             scored += 1
             return _mean_loss(igp_model, batches, keep)
 
-        # Start from the cheapest-to-beat point: the cluster's own mask, unless another mask of the bank is better.
+        # The swaps start from the cluster's own mask, or from another mask of the bank that scores better.
         keep, start_index = bank[cluster].clone(), cluster
         current = initial = loss_of(keep)
         if config.use_bank:
