@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/pruning_quality.sh baselines   # dense, ShortGPT, block Block Influence, random (3 seeds)
 #   bash benchmarks/pruning_quality.sh learned     # static L0 (one cluster) and IG-Pruning with N = 4 and 8
+#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and IG-Pruning N = 8 (suffix "r")
 #   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
 #   bash benchmarks/pruning_quality.sh speed       # speed and memory of every built model, in one run
 #   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots
@@ -52,6 +53,17 @@ build_learned() {
     done
 }
 
+refine_learned() {
+    # The static mask is scored on 64 texts, each of the 8 IG-Pruning clusters on 16 of its own: the same number of
+    # texts in all, so both searches cost about the same.
+    for sparsity in ${SPARSITIES:-0.25 0.125}; do
+        [ -f "$OUT/static-l0r-$sparsity/config.json" ] || \
+            $IGP refine "$OUT/static-l0-$sparsity" --output "$OUT/static-l0r-$sparsity" --examples 64
+        [ -f "$OUT/igp-n8r-$sparsity/config.json" ] || \
+            $IGP refine "$OUT/igp-n8-$sparsity" --output "$OUT/igp-n8r-$sparsity" --examples 16
+    done
+}
+
 models() {
     for folder in "$OUT"/*/; do
         [ -f "$folder/config.json" ] && echo "${folder%/}"
@@ -61,6 +73,7 @@ models() {
 case "${1:-}" in
     baselines) build_baselines ;;
     learned) build_learned ;;
+    refine) refine_learned ;;
     eval)
         $IGP eval --model $(models) --tasks all --limit "$LIMIT" --ppl all --ppl-max-tokens "$PPL_TOKENS" \
             --calibration "$CALIBRATION" --data-dir "$DATA" --output-dir "$OUT/eval" ;;
@@ -71,5 +84,5 @@ case "${1:-}" in
             --output-dir "$OUT/eval" ;;
     compare)
         $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ;;
-    *) echo "usage: $0 baselines|learned|eval|speed|compare" >&2; exit 2 ;;
+    *) echo "usage: $0 baselines|learned|refine|eval|speed|compare" >&2; exit 2 ;;
 esac
