@@ -66,6 +66,9 @@ def describe_model(model_dir: Path, eval_dir: Path | None) -> dict:
     num_blocks = len(mask_bank[0])
     skipped = [num_blocks - sum(mask) for mask in mask_bank]
     method = record.get("method") or _method_from_bank(mask_bank)
+    if "refinement" in record:
+        # A refined bank is a different recipe, not another seed of the method it started from.
+        method += "+refine"
     sparsity = record.get("masks", {}).get("sparsity", {})
     row = {
         "name": model_dir.name,

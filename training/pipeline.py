@@ -514,7 +514,7 @@ def _learning_summary(learned) -> dict:
 
 
 def refinement_summary(refined, initial_mask_bank) -> dict:
-    """The run-record entry of a mask refinement: the masks it started from and what it did per cluster."""
+    """Return the run-record entry of a mask refinement: the masks it started from and what it did per cluster."""
     return {
         "initial_mask_bank": [list(map(int, mask)) for mask in initial_mask_bank],
         "clusters": refined.clusters,

@@ -121,11 +121,11 @@ def register(subparsers) -> None:
                             help="refine each cluster's mask by its measured calibration loss: take the bank's best "
                                  "mask for the cluster, then swap kept and skipped blocks near the cut while the "
                                  "loss falls (same sparsity)")
-    refinement.add_argument("--refine-rounds", type=int, default=2, help="swap rounds per cluster (0: bank choice only)")
+    refinement.add_argument("--refine-rounds", type=int, default=2, help="with --refine: swap rounds per cluster (0: bank choice only)")
     refinement.add_argument("--refine-window", type=int, default=3,
-                            help="blocks on each side of the cut, by gate score, that may swap")
+                            help="with --refine: blocks on each side of the cut, by gate score, that may swap")
     refinement.add_argument("--refine-examples", type=int, default=16,
-                            help="calibration texts per cluster that score each candidate mask")
+                            help="with --refine: calibration texts per cluster that score each candidate mask")
     parser.set_defaults(func=run)
 
 
@@ -187,11 +187,13 @@ def build_configs(args):
     if args.refine:
         from .refine import MaskRefinementConfig
 
-        try:
-            refine = MaskRefinementConfig(rounds=args.refine_rounds, window=args.refine_window,
-                                          max_examples=args.refine_examples)
-        except ValueError as error:
-            raise UsageError(f"--refine: {error}") from error
+        for option, value, minimum in (("--refine-rounds", args.refine_rounds, 0),
+                                       ("--refine-window", args.refine_window, 1),
+                                       ("--refine-examples", args.refine_examples, 1)):
+            if value < minimum:
+                raise UsageError(f"{option} must be at least {minimum}, got {value}.")
+        refine = MaskRefinementConfig(rounds=args.refine_rounds, window=args.refine_window,
+                                      max_examples=args.refine_examples)
 
     config = PruneConfig(
         output_dir=args.output,

@@ -36,7 +36,9 @@ class MaskRefinementConfig:
     `window` skipped blocks with the highest, so one round scores up to `window ** 2` swaps."""
 
     use_bank: bool = True
-    """Score the bank's other masks for each cluster before the swaps, and start from the best of them."""
+    """Score the bank's other masks for each cluster before the swaps, and start from the one with the lowest loss
+    if it beats the cluster's own mask by `min_improvement`. Masks that skip less cost than the cluster's own are not
+    candidates."""
 
     max_examples: int = 16
     """Calibration examples per cluster (seeded sample) on which candidates are scored. Each candidate costs one
@@ -63,8 +65,8 @@ class MaskRefinementConfig:
             minimum = 0 if name == "rounds" else 1
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}.")
-        if self.min_improvement < 0:
-            raise ValueError(f"min_improvement must be 0 or more, got {self.min_improvement}.")
+        if not 0 <= self.min_improvement < 1:
+            raise ValueError(f"min_improvement must be in [0, 1) (a relative loss decrease), got {self.min_improvement}.")
         if self.sparsity_unit not in SPARSITY_UNITS:
             raise ValueError(f"sparsity_unit must be one of {', '.join(SPARSITY_UNITS)}, got {self.sparsity_unit!r}.")
 
@@ -78,7 +80,7 @@ class MaskRefinementResult:
         mask_bank: the refined N masks of 2L 0/1 ints.
         clusters: one record per cluster: `examples`, `initial_loss`, `final_loss`, `start` (the bank index of the
             mask it started the swaps from) and `swaps` (`{"skip", "run", "loss"}` per applied swap, block indices).
-        candidates_scored: forward passes over a cluster's sample, in all.
+        candidates_scored: masks scored, each by one pass over its cluster's sample, the starting masks included.
         wall_time_s: seconds for the whole call.
         config: the settings, as a dict.
     """
@@ -106,7 +108,7 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
     """
     config = config or MaskRefinementConfig()
     start = time.perf_counter()
-    igp_model = _dense_igp_model(model)
+    igp_model = _dense_igp_model(model).eval()
     bank = torch.as_tensor(mask_bank, dtype=torch.bool)
     scores = torch.as_tensor(gate_scores, dtype=torch.float64)
     num_clusters = num_clusters or bank.shape[0]
@@ -134,15 +136,15 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
             scored += 1
             return _mean_loss(igp_model, batches, keep)
 
-        # The swaps start from the cluster's own mask, or from another mask of the bank that scores better.
+        # The swaps start from the cluster's own mask, or from the bank's best other mask if that scores better.
         keep, start_index = bank[cluster].clone(), cluster
         current = initial = loss_of(keep)
         if config.use_bank:
             own_cost = _skipped_cost(keep, costs)
-            for index in _distinct_others(bank, cluster):
-                if _skipped_cost(bank[index], costs) < own_cost - 1e-9:
-                    continue
-                loss = loss_of(bank[index])
+            others = [index for index in _distinct_others(bank, cluster)
+                      if _skipped_cost(bank[index], costs) >= own_cost - 1e-9]
+            if others:
+                loss, index = min((loss_of(bank[index]), index) for index in others)
                 if loss < current * (1 - config.min_improvement):
                     keep, start_index, current = bank[index].clone(), index, loss
 
@@ -175,12 +177,22 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
 
 
 def _candidate_swaps(keep: torch.BoolTensor, scores: torch.Tensor, costs: torch.Tensor, window: int):
-    """(skip, run) pairs near the cut whose swap does not lower the skipped cost."""
+    """
+    Return up to `window ** 2` (skip, run) pairs nearest the cut whose swap does not lower the skipped cost.
+
+    A pair's distance from the cut is the larger of two ranks: that of `skip` among the kept blocks (lowest score
+    first) and that of `run` among the skipped blocks (highest score first). With equal costs this gives the
+    `window` x `window` square. With unequal costs, pairs that would lower the skipped cost are left out before the
+    nearest ones are taken, so a narrow window cannot end up empty while valid swaps exist.
+    """
     kept = keep.nonzero().flatten()
     skipped = (~keep).nonzero().flatten()
-    weakest_kept = kept[scores[kept].argsort()[:window]].tolist()
-    strongest_skipped = skipped[scores[skipped].argsort(descending=True)[:window]].tolist()
-    return [(skip, run) for skip in weakest_kept for run in strongest_skipped if costs[skip] >= costs[run] - 1e-12]
+    kept = kept[scores[kept].argsort(stable=True)].tolist()
+    skipped = skipped[scores[skipped].argsort(descending=True, stable=True)].tolist()
+    pairs = [(max(kept_rank, skipped_rank), kept_rank + skipped_rank, skip, run)
+             for kept_rank, skip in enumerate(kept) for skipped_rank, run in enumerate(skipped)
+             if costs[skip] >= costs[run] - 1e-12]
+    return [(skip, run) for *_, skip, run in sorted(pairs)[:window ** 2]]
 
 
 def _distinct_others(bank: torch.BoolTensor, cluster: int) -> list[int]:
@@ -217,6 +229,9 @@ def _mean_loss(igp_model, batches: list[dict], keep: torch.BoolTensor) -> float:
         total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                        reduction="sum"))
         count += int((labels != -100).sum())
+    if count == 0:
+        raise ValueError("The sampled examples have no next-token targets (every text is one token long); give "
+                         "longer calibration texts.")
     return total / count
 
 

@@ -1,10 +1,12 @@
-"""`igp refine`: refine the mask bank of a saved model by each cluster's real loss, and save the result."""
+"""`igp refine`: refine the mask bank of a saved model by each cluster's measured loss, and save a refined copy."""
 
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from .cli import UsageError
@@ -20,24 +22,25 @@ def register(subparsers) -> None:
         help="refine a saved model's masks by each cluster's calibration loss (bank choice, then block swaps)",
         description=(
             "Load a model saved by `igp prune` or `igp baseline`, route its calibration texts to their clusters, and "
-            "refine each cluster's mask on a sample of its own texts: first the best mask of the bank, then swaps of "
-            "one kept block for one skipped block near the cut while the loss falls. Every mask keeps its sparsity. "
-            "The dense weights come from the base model named in the folder's config (or --base), because the "
-            "saved folder has no weights for blocks that no mask runs."
+            "refine each cluster's mask on a sample of its own texts: first the bank's best mask for the cluster, "
+            "then swaps of one kept block for one skipped block near the cut while the loss falls. No mask skips "
+            "less than before, in the run's sparsity unit. The dense weights come from the base model named in the "
+            "folder's config (or --base), because the saved folder has no weights for blocks that no mask runs; the "
+            "saved blocks must equal the base model's, so a fine-tuned folder is rejected."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", help="folder written by `igp prune` or `igp baseline`")
-    parser.add_argument("--output", required=True, help="folder to save the refined model to")
+    parser.add_argument("--output", required=True, help="new folder to save the refined model to")
     parser.add_argument("--base", default=None,
                         help="base model with every block (default: text_config._name_or_path of the folder's config)")
     parser.add_argument("--calibration", default=None, metavar="SPEC",
                         help="calibration SPEC (default: the one in the folder's igp_run.json)")
     parser.add_argument("--rounds", type=int, default=2, help="swap rounds per cluster (0: bank choice only)")
     parser.add_argument("--window", type=int, default=3, help="blocks on each side of the cut that may swap")
-    parser.add_argument("--examples", type=int, default=16, help="calibration examples per cluster that score masks")
+    parser.add_argument("--examples", type=int, default=16, help="calibration texts per cluster that score masks")
     parser.add_argument("--min-improvement", type=float, default=0.002,
-                        help="relative loss decrease a candidate needs to replace the current mask")
+                        help="relative loss decrease, in [0, 1), that a candidate needs to replace the current mask")
     parser.add_argument("--no-bank", action="store_true", help="skip the choice among the bank's masks")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="maximum tokens per calibration text (default: the run's, else 128)")
@@ -50,27 +53,49 @@ def run(args) -> int:
     from .refine import MaskRefinementConfig
 
     source, output = Path(args.model), Path(args.output)
-    if not (source / "config.json").is_file():
-        raise UsageError(f"{source} has no config.json; give a folder written by `igp prune` or `igp baseline`.")
-    if output.resolve() == source.resolve():
-        raise UsageError(f"--output {output} is the input folder; give a new folder so the original model stays as "
-                         "it was saved.")
-    if (output / "config.json").exists() and not args.overwrite:
-        raise UsageError(f"{output} already holds a model; pass --overwrite to replace it or choose another --output.")
-    try:
-        config = MaskRefinementConfig(rounds=args.rounds, window=args.window, max_examples=args.examples,
-                                      min_improvement=args.min_improvement, use_bank=not args.no_bank, seed=args.seed)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    check_folders(source, output, args.overwrite)
+    for option, value, minimum in (("--rounds", args.rounds, 0), ("--window", args.window, 1),
+                                   ("--examples", args.examples, 1), ("--seq-length", args.seq_length, 2)):
+        if value is not None and value < minimum:
+            raise UsageError(f"{option} must be at least {minimum}, got {value}.")
+    if not 0 <= args.min_improvement < 1 or math.isnan(args.min_improvement):
+        raise UsageError(f"--min-improvement must be in [0, 1), got {args.min_improvement}.")
+
     record_path = source / RECORD_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    refine_saved_model(source, output, config, record, base=args.base, calibration=args.calibration,
-                       max_length=args.seq_length, argv=["igp", *sys.argv[1:]])
+    settings = record.get("settings", {}).get("prune", {})
+    spec = args.calibration or settings.get("calibration") or record.get("calibration", {}).get("spec")
+    if not spec:
+        missing = "is missing" if not record_path.is_file() else "records no calibration SPEC"
+        raise UsageError(f"{record_path} {missing}; pass the texts to refine on with --calibration SPEC.")
+    # Refinement must cost blocks in the unit the masks were learned in, or a swap could undercut the target.
+    config = MaskRefinementConfig(rounds=args.rounds, window=args.window, max_examples=args.examples,
+                                  min_improvement=args.min_improvement, use_bank=not args.no_bank, seed=args.seed,
+                                  sparsity_unit=settings.get("sparsity_unit", "blocks"),
+                                  context_length=settings.get("context_length", 2048))
+    refine_saved_model(source, output, config, record, spec, base=args.base,
+                       max_length=args.seq_length or settings.get("max_length") or 128, argv=["igp", *sys.argv[1:]])
     return 0
 
 
-def refine_saved_model(source: Path, output: Path, config, record: dict, base: str | None = None,
-                       calibration: str | None = None, max_length: int | None = None, argv=None):
+def check_folders(source: Path, output: Path, overwrite: bool) -> None:
+    """Raise `UsageError` unless `source` is a model folder and writing `output` cannot touch it or other files."""
+    if not (source / "config.json").is_file():
+        raise UsageError(f"{source} has no config.json; give a folder written by `igp prune` or `igp baseline`.")
+    source_path, output_path = source.resolve(), output.resolve()
+    if output_path == source_path or source_path in output_path.parents or output_path in source_path.parents:
+        raise UsageError(f"--output {output} is, contains or lies inside the input folder {source}; give a separate "
+                         "folder so the original model stays as it was saved.")
+    if output.exists() and any(output.iterdir()):
+        if not (output / "config.json").is_file():
+            raise UsageError(f"--output {output} is a non-empty folder that holds no model; give a new folder.")
+        if not overwrite:
+            raise UsageError(f"{output} already holds a model; pass --overwrite to replace it or choose another "
+                             "--output.")
+
+
+def refine_saved_model(source: Path, output: Path, config, record: dict, spec: str, base: str | None = None,
+                       max_length: int = 128, argv=None):
     """Refine the bank of the model saved in `source` and save the refined model and its run record to `output`."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -78,44 +103,54 @@ def refine_saved_model(source: Path, output: Path, config, record: dict, base: s
     from modeling_igp import IGPruningForCausalLM
 
     from .data import load_calibration, tokenize_calibration
-    from .pipeline import block_names, hamming_distances, load_base_model
+    from .pipeline import block_names, hamming_distances, load_base_model, plot_mask_bank, write_run_record
     from .refine import refine_masks
     from .sparsity import sparsity_report
 
+    start = time.perf_counter()
     pruned = AutoModelForCausalLM.from_pretrained(str(source), trust_remote_code=True, dtype=torch.float32)
     base_path = base or getattr(pruned.config.text_config, "_name_or_path", None)
     if not base_path:
         raise UsageError(f"{source}/config.json names no base model (text_config._name_or_path is empty); pass --base.")
-    dense, tokenizer = load_base_model(base_path)
+    try:
+        dense, tokenizer = load_base_model(base_path)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise UsageError(f"Could not load the base model {base_path}: {error} Pass the base model with --base.") from error
+    _check_same_weights(pruned, dense, source, base_path)
 
     settings = record.get("settings", {}).get("prune", {})
-    spec = calibration or settings.get("calibration") or record.get("calibration", {}).get("spec")
-    if not spec:
-        raise UsageError(f"{source}/{RECORD_FILE} records no calibration SPEC; pass --calibration.")
-    texts = load_calibration(spec, seed=settings.get("seed", 0),
-                             heldout_per_source=settings.get("heldout_per_source", 0)).texts
+    try:
+        texts = load_calibration(spec, seed=settings.get("seed", 0),
+                                 heldout_per_source=settings.get("heldout_per_source", 0)).texts
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise UsageError(f"Could not read the calibration SPEC {spec!r}: {error}") from error
     num_clusters = pruned.config.num_clusters
+    if num_clusters > 1 and pruned.router is None:
+        raise UsageError(f"{source} has {num_clusters} clusters but no router folder, so its calibration texts cannot "
+                         "be routed; refine the folder that `igp prune` saved, router/ included.")
     clusters = pruned.route(texts).tolist() if num_clusters > 1 else [0] * len(texts)
     logger.info("Routed %d calibration texts to %d clusters (sizes %s)", len(texts), num_clusters,
                 torch.bincount(torch.tensor(clusters), minlength=num_clusters).tolist())
-    length = max_length or settings.get("max_length") or 128
-    dataset = tokenize_calibration(texts, tokenizer, length, cluster_ids=clusters)
+    dataset = tokenize_calibration(texts, tokenizer, max_length, cluster_ids=clusters)
 
     bank = pruned.config.mask_bank
     scores = record.get("mask_learning", {}).get("gate_scores")
     if scores is None:
+        # Static baselines keep no gate scores, so each cluster's Block Influence ranks its blocks instead.
         scores = _influence_scores(dense, dataset, num_clusters, config.batch_size)
     result = refine_masks(dense, dataset, bank, scores, config, num_clusters=num_clusters)
 
+    # Write everything into a sibling folder first, so an interrupted run leaves the previous --output intact.
     refined = IGPruningForCausalLM.from_base(dense, result.mask_bank, centroids=pruned.config.centroids,
                                              router=pruned.router, tokenizer=tokenizer)
-    if output.exists():
-        shutil.rmtree(output)
-    refined.save_pretrained(output)
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    refined.save_pretrained(partial)
 
     names = block_names(refined.config.num_layers)
     record = dict(record)
     record["command"] = argv or record.get("command")
+    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     record["masks"] = {
         "block_names": names,
         "mask_bank": result.mask_bank,
@@ -125,21 +160,52 @@ def refine_saved_model(source: Path, output: Path, config, record: dict, base: s
     }
     record["refinement"] = {
         "source": str(source),
+        "base_model": str(base_path),
         "initial_mask_bank": bank,
         "clusters": result.clusters,
         "candidates_scored": result.candidates_scored,
         "wall_time_s": round(result.wall_time_s, 2),
         "config": result.config,
+        "previous": record.get("refinement"),
     }
-    (output / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    sizes = torch.bincount(torch.tensor(clusters), minlength=num_clusters).tolist()
+    plot_mask_bank(torch.tensor(result.mask_bank).numpy(), partial / "mask_bank.png", cluster_sizes=sizes,
+                   sparsity=record["masks"]["sparsity"]["blocks"])
+    # The training curves belong to the source run and stay there.
+    record["files"] = {"mask_bank_plot": "mask_bank.png"}
+    record.setdefault("timings_s", {})
+    record["timings_s"] = dict(record["timings_s"], refinement=round(time.perf_counter() - start, 2))
+    write_run_record(record, partial)
+
+    if output.exists():
+        shutil.rmtree(output)
+    partial.replace(output)
     changed = sum(old != new for old, new in zip(bank, result.mask_bank))
-    logger.info("Refined %d of %d masks in %.1f s (%d candidates scored); saved to %s", changed, len(bank),
+    logger.info("Refined %d of %d masks in %.1f s (%d masks scored); saved to %s", changed, len(bank),
                 result.wall_time_s, result.candidates_scored, output)
     return result
 
 
+def _check_same_weights(pruned, dense, source: Path, base_path: str) -> None:
+    """Raise `UsageError` unless every weight saved in `pruned` equals the dense model's, so that refining keeps the
+    model the user saved (a fine-tuned folder would silently lose its fine-tuning)."""
+    import torch
+
+    from modeling_igp import IGPruningForCausalLM
+
+    if pruned.config.num_blocks != 2 * dense.config.num_hidden_layers:
+        raise UsageError(f"{source} has {pruned.config.num_blocks} blocks but the base model {base_path} has "
+                         f"{2 * dense.config.num_hidden_layers}; pass the model it was pruned from with --base.")
+    reference = IGPruningForCausalLM.from_base(dense, pruned.config.mask_bank).state_dict()
+    for name, tensor in pruned.state_dict().items():
+        if name not in reference or reference[name].shape != tensor.shape or not torch.equal(reference[name], tensor):
+            raise UsageError(f"The weight {name} of {source} differs from the base model {base_path}, so refining would "
+                             "replace it. Refine the model before fine-tuning it, or pass the base it was pruned from "
+                             "with --base.")
+
+
 def _influence_scores(model, dataset, num_clusters: int, batch_size: int):
-    """Block Influence of each cluster's examples [N][2L], for models saved without gate scores (static baselines)."""
+    """Return the Block Influence of each cluster's examples [N][2L]."""
     import torch
 
     from .block_influence import influence_scores
@@ -155,4 +221,3 @@ def _influence_scores(model, dataset, num_clusters: int, batch_size: int):
         batches = [pad_batch(rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
         scores.append(influence_scores(model, batches)["block"].tolist())
     return scores
-
