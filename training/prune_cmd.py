@@ -89,6 +89,10 @@ def register(subparsers) -> None:
                           help="learning rate of the gate log-alpha parameters")
     learning.add_argument("--lr-lambdas", type=float, default=defaults["lr_lambdas"],
                           help="learning rate of the Lagrange multipliers (maximised)")
+    learning.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"),
+                          default=defaults["lr_scheduler_type"],
+                          help="learning-rate schedule of the gates and the multipliers; a decaying one (linear, "
+                               "cosine) shrinks the last steps, which the expected sparsity swings in")
     learning.add_argument("--loss", choices=("lm", "kl"), default=defaults["loss"],
                           help="task loss: next-token cross-entropy (lm) or KL divergence to the dense model (kl)")
     learning.add_argument("--init", choices=("block_influence", "constant"), default=defaults["init"],
@@ -171,6 +175,7 @@ def build_configs(args):
             temperature=args.temperature,
             lr_gates=args.lr_gates,
             lr_lambdas=args.lr_lambdas,
+            lr_scheduler_type=args.lr_scheduler,
             target_warmup_fraction=args.warmup_fraction,
             max_steps=args.steps,
             batch_size=args.batch_size,
