@@ -271,7 +271,7 @@ def test_refine_command_rejects_fine_tuned_weights(pruned_dir, tmp_path, capsys)
     ("{parent}", "is, contains or lies inside the input folder"),
     ("{source}", "is, contains or lies inside the input folder"),
     ("{source}/refined", "is, contains or lies inside the input folder"),
-    ("{other}", "non-empty folder that holds no model"),
+    ("{other}", "non-empty folder without a model"),
 ])
 def test_refine_command_protects_folders(output, message, pruned_dir, tmp_path, capsys):
     source = tmp_path / "models" / "source"

@@ -88,9 +88,9 @@ def check_folders(source: Path, output: Path, overwrite: bool) -> None:
                          "folder so the original model stays as it was saved.")
     if output.exists() and any(output.iterdir()):
         if not (output / "config.json").is_file():
-            raise UsageError(f"--output {output} is a non-empty folder that holds no model; give a new folder.")
+            raise UsageError(f"--output {output} is a non-empty folder without a model; give a new folder.")
         if not overwrite:
-            raise UsageError(f"{output} already holds a model; pass --overwrite to replace it or choose another "
+            raise UsageError(f"{output} already contains a model; pass --overwrite to replace it or choose another "
                              "--output.")
 
 
