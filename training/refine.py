@@ -128,6 +128,8 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
             logger.warning("Cluster %d has no calibration examples; its mask is kept as it is.", cluster)
             records.append({"examples": 0, "initial_loss": None, "final_loss": None, "start": cluster, "swaps": []})
             continue
+        # NOTE: candidates are scored on texts the gates were trained on, and the best of about 20 is kept, so the
+        # logged loss decrease is in-sample and overstates the held-out gain.
         sample = members[torch.randperm(members.numel(), generator=generator)[:config.max_examples]].tolist()
         batches = _length_sorted_batches([dataset[index] for index in sample], config.batch_size)
 
