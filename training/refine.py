@@ -133,14 +133,16 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
         sample = members[torch.randperm(members.numel(), generator=generator)[:config.max_examples]].tolist()
         batches = _length_sorted_batches([dataset[index] for index in sample], config.batch_size)
 
-        def loss_of(keep):
+        def loss_of(keep, prefix=None, first_block=0):
             nonlocal scored
             scored += 1
-            return _mean_loss(igp_model, batches, keep)
+            return _mean_loss(igp_model, batches, keep, prefix, first_block)[0]
 
         # The swaps start from the cluster's own mask, or from the bank's best other mask if that scores better.
         keep, start_index = bank[cluster].clone(), cluster
-        current = initial = loss_of(keep)
+        scored += 1
+        current, prefix = _mean_loss(igp_model, batches, keep, keep_states=True)
+        initial = current
         if config.use_bank:
             own_cost = _skipped_cost(keep, costs)
             others = [index for index in _distinct_others(bank, cluster)
@@ -149,15 +151,17 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
                 loss, index = min((loss_of(bank[index]), index) for index in others)
                 if loss < current * (1 - config.min_improvement):
                     keep, start_index, current = bank[index].clone(), index, loss
+                    prefix = _mean_loss(igp_model, batches, keep, keep_states=True)[1]
 
         swaps = []
-        for _ in range(config.rounds):
+        for round_index in range(config.rounds):
             best = None
             for skip, run in tqdm(_candidate_swaps(keep, scores[cluster], costs, config.window),
                                   desc=f"refine cluster {cluster}", leave=False):
                 candidate = keep.clone()
                 candidate[skip], candidate[run] = False, True
-                loss = loss_of(candidate)
+                # Blocks before the first swapped one compute what they did for `keep`, so scoring resumes there.
+                loss = loss_of(candidate, prefix, min(skip, run))
                 if best is None or loss < best[0]:
                     best = (loss, skip, run)
             if best is None or best[0] >= current * (1 - config.min_improvement):
@@ -165,6 +169,8 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
             current, skip, run = best
             keep[skip], keep[run] = False, True
             swaps.append({"skip": skip, "run": run, "loss": current})
+            if round_index + 1 < config.rounds:
+                prefix = _mean_loss(igp_model, batches, keep, keep_states=True)[1]
 
         refined[cluster] = keep
         records.append({"examples": len(sample), "initial_loss": initial, "final_loss": current, "start": start_index,
@@ -219,22 +225,38 @@ def _length_sorted_batches(rows: list[dict], batch_size: int) -> list[dict]:
 
 
 @torch.no_grad()
-def _mean_loss(igp_model, batches: list[dict], keep: torch.BoolTensor) -> float:
-    """Mean next-token loss over every scored token of `batches`, with the blocks of `keep` [2L] run."""
+def _mean_loss(igp_model, batches: list[dict], keep: torch.BoolTensor, prefix: list | None = None,
+               first_block: int = 0, keep_states: bool = False) -> tuple[float, list | None]:
+    """
+    Return the mean next-token loss over every scored token of `batches` with the blocks of `keep` [2L] run, and,
+    with `keep_states`, each batch's input to every layer (a list of L+1 [B, T, d] tensors per batch).
+
+    With `prefix` (the layer inputs of a mask that agrees with `keep` before `first_block`), each batch starts from
+    the input to the layer of `first_block` instead of the embeddings. The blocks before it are masked off, which
+    makes them the identity, so the result equals a full pass.
+    """
     device = next(igp_model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches:
-        input_ids = batch["input_ids"].to(device)
-        logits = igp_model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                           block_mask=keep.expand(input_ids.shape[0], -1).to(device), use_cache=False).logits
+    start_layer = first_block // 2
+    total, count, states = 0.0, 0, [] if keep_states else None
+    for index, batch in enumerate(batches):
+        attention_mask = batch["attention_mask"].to(device)
+        block_mask = keep.clone().to(device)
+        if prefix is not None:
+            inputs = {"inputs_embeds": prefix[index][start_layer]}
+            block_mask[:2 * start_layer] = False
+        else:
+            inputs = {"input_ids": batch["input_ids"].to(device)}
+        output = igp_model(**inputs, attention_mask=attention_mask, block_mask=block_mask.expand(len(attention_mask), -1),
+                           use_cache=False, output_hidden_states=keep_states)
+        if keep_states:
+            states.append(output.hidden_states)
         labels = batch["labels"][:, 1:].to(device)
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                       reduction="sum"))
+        total += float(F.cross_entropy(output.logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                       ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
     if count == 0:
         raise ValueError("The sampled examples have no next-token targets (every text is one token long); give "
                          "longer calibration texts.")
-    return total / count
-
+    return total / count, states
 
 __all__ = ["MaskRefinementConfig", "MaskRefinementResult", "refine_masks"]
