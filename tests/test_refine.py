@@ -54,11 +54,12 @@ def dataset(tokenizer):
 
 @torch.no_grad()
 def reference_loss(base, dataset, cluster, mask) -> float:
-    """Mean next-token loss over every token of the cluster's texts, with skipped blocks as the identity."""
+    """Mean next-token loss over every token of the cluster's texts (all texts for None), with skipped blocks as the
+    identity."""
     total, count = 0.0, 0
     with identity_blocks(base, mask):
         for row in dataset:
-            if row["cluster_ids"] != cluster:
+            if cluster is not None and row["cluster_ids"] != cluster:
                 continue
             input_ids = torch.tensor([row["input_ids"]])
             tokens = input_ids.shape[1] - 1
@@ -126,6 +127,23 @@ def test_bank_choice_picks_lowest_loss(base, dataset):
     assert result.mask_bank[2:] == bank[2:]
 
 
+def test_global_mask_offered_to_every_cluster(base, dataset):
+    # The bank's two masks occur once each, so the global search starts from the first and takes its best single swap
+    # over all texts. Each cluster then starts from whichever of its own, the other and the global mask is best.
+    config = MaskRefinementConfig(rounds=1, min_improvement=0.0, global_examples=len(TEXTS), **FULL_WINDOW)
+
+    result = refine_masks(base, dataset, BANK, torch.zeros(2, 2 * NUM_LAYERS), config)
+
+    candidates = [BANK[0], *single_swaps(BANK[0])]
+    losses = [reference_loss(base, dataset, None, candidate) for candidate in candidates]
+    assert result.global_mask == candidates[losses.index(min(losses))]
+    assert result.global_record["final_loss"] == pytest.approx(min(losses), rel=1e-5)
+    for cluster in range(2):
+        offered = {cluster: BANK[cluster], 1 - cluster: BANK[1 - cluster], "global": result.global_mask}
+        start_losses = {name: reference_loss(base, dataset, cluster, mask) for name, mask in offered.items()}
+        assert result.clusters[cluster]["start"] == min(start_losses, key=start_losses.get)
+
+
 def test_swaps_keep_skipped_parameters(base, dataset):
     # In parameters, an MLP block costs more than an attention block, so only swaps that skip a block at least as
     # large as the one they restore are allowed.
@@ -162,7 +180,7 @@ def test_refine_rejects_mismatched_scores(base, dataset):
         refine_masks(base, dataset, BANK, torch.zeros(2, 5))
 
 
-@pytest.mark.parametrize("field, value", [("rounds", -1), ("window", 0), ("max_examples", 0),
+@pytest.mark.parametrize("field, value", [("rounds", -1), ("window", 0), ("max_examples", 0), ("global_examples", -1),
                                           ("min_improvement", -0.1), ("min_improvement", 1.0),
                                           ("min_improvement", float("nan")), ("sparsity_unit", "layers")])
 def test_config_rejects_invalid_values(field, value):

@@ -521,6 +521,8 @@ def refinement_summary(refined, initial_mask_bank) -> dict:
         "candidates_scored": refined.candidates_scored,
         "wall_time_s": round(refined.wall_time_s, 2),
         "config": refined.config,
+        "global_mask": refined.global_mask,
+        "global_search": refined.global_record,
     }
 
 

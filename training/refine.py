@@ -44,6 +44,11 @@ class MaskRefinementConfig:
     """Calibration examples per cluster (seeded sample) on which candidates are scored. Each candidate costs one
     forward pass over them, so this sets the run time."""
 
+    global_examples: int = 0
+    """With more than one cluster and a value above 0: first refine one global mask on this many examples drawn from
+    all clusters, starting from the bank's most common mask, and offer it to every cluster as one more bank mask.
+    A cluster then keeps its own mask only where that beats the global one on its own texts."""
+
     min_improvement: float = 0.002
     """Relative decrease of the mean next-token loss that a candidate needs to replace the current mask, so that
     differences within noise do not move a mask."""
@@ -61,8 +66,8 @@ class MaskRefinementConfig:
     """Seed of the example sample."""
 
     def __post_init__(self):
-        for name in ("rounds", "window", "max_examples", "batch_size"):
-            minimum = 0 if name == "rounds" else 1
+        for name in ("rounds", "window", "max_examples", "batch_size", "global_examples"):
+            minimum = 0 if name in ("rounds", "global_examples") else 1
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}.")
         if not 0 <= self.min_improvement < 1:
@@ -79,8 +84,12 @@ class MaskRefinementResult:
     Args:
         mask_bank: the refined N masks of 2L 0/1 ints.
         clusters: one record per cluster: `examples`, `initial_loss`, `final_loss`, `start` (the bank index of the
-            mask it started the swaps from) and `swaps` (`{"skip", "run", "loss"}` per applied swap, block indices).
-        candidates_scored: masks scored, each by one pass over its cluster's sample, the starting masks included.
+            mask it started the swaps from, or `"global"`) and `swaps` (`{"skip", "run", "loss"}` per applied swap,
+            block indices).
+        global_mask: the global mask offered to every cluster (`config.global_examples > 0`), else None.
+        global_record: the global search's record, in the form of a cluster's, else None.
+        candidates_scored: passes over a sample, in all: every mask scored, the starting masks included, and the
+            passes that store a mask's layer inputs for the swaps.
         wall_time_s: seconds for the whole call.
         config: the settings, as a dict.
     """
@@ -90,6 +99,8 @@ class MaskRefinementResult:
     candidates_scored: int = 0
     wall_time_s: float = 0.0
     config: dict = field(default_factory=dict)
+    global_mask: list[int] | None = None
+    global_record: dict | None = None
 
 
 def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementConfig | None = None,
@@ -121,7 +132,22 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
 
     cluster_column = torch.as_tensor([int(cluster) for cluster in dataset["cluster_ids"]])
     generator = torch.Generator().manual_seed(config.seed)
-    refined, records, scored = bank.clone(), [], 0
+    search = _LocalSearch(igp_model, costs, config)
+
+    offered, global_mask, global_record = {}, None, None
+    if config.global_examples and num_clusters > 1:
+        # The global search sees every cluster's texts, so it finds the swaps that help all of them with less noise
+        # than any one cluster's sample.
+        sample = torch.randperm(len(cluster_column), generator=generator)[:config.global_examples].tolist()
+        batches = _length_sorted_batches([dataset[index] for index in sample], config.batch_size)
+        keep = _most_common(bank)
+        global_record = search.run(batches, keep, scores.mean(dim=0), {}, "global")
+        global_mask = global_record.pop("mask")
+        offered["global"] = torch.tensor(global_mask, dtype=torch.bool)
+        logger.info("Refined the global mask on %d examples: loss %.4f -> %.4f (%d swaps)", len(sample),
+                    global_record["initial_loss"], global_record["final_loss"], len(global_record["swaps"]))
+
+    refined, records = bank.clone(), []
     for cluster in range(num_clusters):
         members = (cluster_column == cluster).nonzero().flatten()
         if members.numel() == 0:
@@ -132,56 +158,75 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
         # logged loss decrease is in-sample and overstates the held-out gain.
         sample = members[torch.randperm(members.numel(), generator=generator)[:config.max_examples]].tolist()
         batches = _length_sorted_batches([dataset[index] for index in sample], config.batch_size)
+        others = {index: bank[index] for index in _distinct_others(bank, cluster)} if config.use_bank else {}
+        record = search.run(batches, bank[cluster].clone(), scores[cluster], {**others, **offered}, cluster,
+                            desc=f"refine cluster {cluster}")
+        refined[cluster] = torch.tensor(record.pop("mask"), dtype=torch.bool)
+        records.append(record)
+        logger.info("Refined cluster %d on %d examples: loss %.4f -> %.4f (start from mask %s, %d swaps)", cluster,
+                    len(sample), record["initial_loss"], record["final_loss"], record["start"], len(record["swaps"]))
 
-        def loss_of(keep, prefix=None, first_block=0):
-            nonlocal scored
-            scored += 1
-            return _mean_loss(igp_model, batches, keep, prefix, first_block)[0]
+    return MaskRefinementResult(
+        mask_bank=refined.int().tolist(), clusters=records, candidates_scored=search.scored,
+        wall_time_s=time.perf_counter() - start, config=asdict(config), global_mask=global_mask,
+        global_record=global_record,
+    )
 
-        # The swaps start from the cluster's own mask, or from the bank's best other mask if that scores better.
-        keep, start_index = bank[cluster].clone(), cluster
-        scored += 1
-        current, prefix = _mean_loss(igp_model, batches, keep, keep_states=True)
+
+class _LocalSearch:
+    """The search of one mask on one sample: a choice among offered masks, then rounds of single swaps."""
+
+    def __init__(self, igp_model, costs: torch.Tensor, config: MaskRefinementConfig):
+        self.igp_model, self.costs, self.config = igp_model, costs, config
+        self.scored = 0
+
+    def loss(self, batches, keep, prefix=None, first_block=0, keep_states=False):
+        self.scored += 1
+        return _mean_loss(self.igp_model, batches, keep, prefix, first_block, keep_states)
+
+    def run(self, batches, keep: torch.BoolTensor, scores: torch.Tensor, offered: dict, own, desc: str = "refine"):
+        """Return a record with the final `mask`, `examples`, `initial_loss`, `final_loss`, `start` and `swaps`."""
+        config, threshold = self.config, 1 - self.config.min_improvement
+        start = own
+        current, prefix = self.loss(batches, keep, keep_states=True)
         initial = current
-        if config.use_bank:
-            own_cost = _skipped_cost(keep, costs)
-            others = [index for index in _distinct_others(bank, cluster)
-                      if _skipped_cost(bank[index], costs) >= own_cost - 1e-9]
-            if others:
-                loss, index = min((loss_of(bank[index]), index) for index in others)
-                if loss < current * (1 - config.min_improvement):
-                    keep, start_index, current = bank[index].clone(), index, loss
-                    prefix = _mean_loss(igp_model, batches, keep, keep_states=True)[1]
+
+        # Masks that skip less than the starting one would undercut the target, so they are not offered.
+        own_cost = _skipped_cost(keep, self.costs)
+        offered = {name: mask for name, mask in offered.items() if _skipped_cost(mask, self.costs) >= own_cost - 1e-9}
+        if offered:
+            loss, name = min(((self.loss(batches, mask)[0], name) for name, mask in offered.items()),
+                             key=lambda pair: pair[0])
+            if loss < current * threshold:
+                keep, start, current = offered[name].clone(), name, loss
+                prefix = self.loss(batches, keep, keep_states=True)[1]
 
         swaps = []
         for round_index in range(config.rounds):
             best = None
-            for skip, run in tqdm(_candidate_swaps(keep, scores[cluster], costs, config.window),
-                                  desc=f"refine cluster {cluster}", leave=False):
+            for skip, run in tqdm(_candidate_swaps(keep, scores, self.costs, config.window), desc=desc, leave=False):
                 candidate = keep.clone()
                 candidate[skip], candidate[run] = False, True
                 # Blocks before the first swapped one compute what they did for `keep`, so scoring resumes there.
-                loss = loss_of(candidate, prefix, min(skip, run))
+                loss = self.loss(batches, candidate, prefix, min(skip, run))[0]
                 if best is None or loss < best[0]:
                     best = (loss, skip, run)
-            if best is None or best[0] >= current * (1 - config.min_improvement):
+            if best is None or best[0] >= current * threshold:
                 break
             current, skip, run = best
             keep[skip], keep[run] = False, True
             swaps.append({"skip": skip, "run": run, "loss": current})
             if round_index + 1 < config.rounds:
-                prefix = _mean_loss(igp_model, batches, keep, keep_states=True)[1]
+                prefix = self.loss(batches, keep, keep_states=True)[1]
 
-        refined[cluster] = keep
-        records.append({"examples": len(sample), "initial_loss": initial, "final_loss": current, "start": start_index,
-                        "swaps": swaps})
-        logger.info("Refined cluster %d on %d examples: loss %.4f -> %.4f (start from mask %d, %d swaps)", cluster,
-                    len(sample), initial, current, start_index, len(swaps))
+        return {"mask": keep.int().tolist(), "examples": sum(len(batch["input_ids"]) for batch in batches),
+                "initial_loss": initial, "final_loss": current, "start": start, "swaps": swaps}
 
-    return MaskRefinementResult(
-        mask_bank=refined.int().tolist(), clusters=records, candidates_scored=scored,
-        wall_time_s=time.perf_counter() - start, config=asdict(config),
-    )
+
+def _most_common(bank: torch.BoolTensor) -> torch.BoolTensor:
+    """Return the mask that occurs most often in `bank` (the first of them on a tie)."""
+    keys = [tuple(mask.tolist()) for mask in bank]
+    return bank[max(range(len(keys)), key=lambda index: (keys.count(keys[index]), -index))].clone()
 
 
 def _candidate_swaps(keep: torch.BoolTensor, scores: torch.Tensor, costs: torch.Tensor, window: int):

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     parser.add_argument("--min-improvement", type=float, default=0.002,
                         help="relative loss decrease, in [0, 1), that a candidate needs to replace the current mask")
     parser.add_argument("--no-bank", action="store_true", help="skip the choice among the bank's masks")
+    parser.add_argument("--global-examples", type=int, default=0,
+                        help="with several clusters: first refine one global mask on this many texts of all clusters "
+                             "and offer it to every cluster (0: no global mask)")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="maximum tokens per calibration text (default: the run's, else 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example sample")
@@ -55,7 +58,8 @@ def run(args) -> int:
     source, output = Path(args.model), Path(args.output)
     check_folders(source, output, args.overwrite)
     for option, value, minimum in (("--rounds", args.rounds, 0), ("--window", args.window, 1),
-                                   ("--examples", args.examples, 1), ("--seq-length", args.seq_length, 2)):
+                                   ("--examples", args.examples, 1), ("--seq-length", args.seq_length, 2),
+                                   ("--global-examples", args.global_examples, 0)):
         if value is not None and value < minimum:
             raise UsageError(f"{option} must be at least {minimum}, got {value}.")
     if not 0 <= args.min_improvement < 1 or math.isnan(args.min_improvement):
@@ -71,6 +75,7 @@ def run(args) -> int:
     # Refinement must cost blocks in the unit the masks were learned in, or a swap could undercut the target.
     config = MaskRefinementConfig(rounds=args.rounds, window=args.window, max_examples=args.examples,
                                   min_improvement=args.min_improvement, use_bank=not args.no_bank, seed=args.seed,
+                                  global_examples=args.global_examples,
                                   sparsity_unit=settings.get("sparsity_unit", "blocks"),
                                   context_length=settings.get("context_length", 2048))
     refine_saved_model(source, output, config, record, spec, base=args.base,
@@ -166,6 +171,8 @@ def refine_saved_model(source: Path, output: Path, config, record: dict, spec: s
         "candidates_scored": result.candidates_scored,
         "wall_time_s": round(result.wall_time_s, 2),
         "config": result.config,
+        "global_mask": result.global_mask,
+        "global_search": result.global_record,
         "previous": record.get("refinement"),
     }
     sizes = torch.bincount(torch.tensor(clusters), minlength=num_clusters).tolist()
