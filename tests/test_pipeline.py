@@ -157,7 +157,7 @@ def test_refinement_keeps_block_counts_and_is_recorded(tiny_model_dir, tmp_path)
     from igp_training.prune_cmd import format_summary
     from igp_training.refine import MaskRefinementConfig
 
-    refine = MaskRefinementConfig(rounds=1, window=2, min_improvement=0.0, max_examples=4)
+    refine = MaskRefinementConfig(rounds=1, window=2, min_improvement=0.0, max_examples=4, global_examples=8)
     result = prune(run_config(tiny_model_dir, tmp_path, refine=refine), LEARNING, argv=["igp", "prune", "(test)"])
     record = json.loads((tmp_path / RUN_RECORD_FILE).read_text())
     saved = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
@@ -168,6 +168,8 @@ def test_refinement_keeps_block_counts_and_is_recorded(tiny_model_dir, tmp_path)
     for entry in record["refinement"]["clusters"]:
         assert entry["examples"] == 4
         assert entry["final_loss"] <= entry["initial_loss"]
+    assert len(record["refinement"]["global_mask"]) == len(learned[0])
+    assert record["refinement"]["global_search"]["examples"] == 8
     assert "refinement" in record["timings_s"]
     assert "refinement changed" in format_summary(result.record, tmp_path)
 
