@@ -45,9 +45,9 @@ class MaskRefinementConfig:
     forward pass over them, so this sets the run time."""
 
     global_examples: int = 0
-    """With more than one cluster and a value above 0: first refine one global mask on this many examples drawn from
-    all clusters, starting from the bank's most common mask, and offer it to every cluster as one more bank mask.
-    A cluster then keeps its own mask only where that beats the global one on its own texts."""
+    """Examples of all clusters for a global search, or 0 for none. With more than one cluster and a value above 0,
+    one global mask is refined first, starting from the bank's most common mask. It is then offered to every cluster
+    as one more bank mask, so a cluster keeps its own mask only where that beats the global one on its own texts."""
 
     min_improvement: float = 0.002
     """Relative decrease of the mean next-token loss that a candidate needs to replace the current mask, so that
@@ -136,8 +136,8 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
 
     offered, global_mask, global_record = {}, None, None
     if config.global_examples and num_clusters > 1:
-        # The global search sees every cluster's texts, so it finds the swaps that help all of them with less noise
-        # than any one cluster's sample.
+        # The global search scores on texts of every cluster, so it finds the swaps that help all of them with less
+        # noise than one cluster's sample.
         sample = torch.randperm(len(cluster_column), generator=generator)[:config.global_examples].tolist()
         batches = _length_sorted_batches([dataset[index] for index in sample], config.batch_size)
         keep = _most_common(bank)
@@ -174,7 +174,7 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
 
 
 class _LocalSearch:
-    """The search of one mask on one sample: a choice among offered masks, then rounds of single swaps."""
+    """Local search of one mask on one sample: a choice among offered masks, then rounds of single swaps."""
 
     def __init__(self, igp_model, costs: torch.Tensor, config: MaskRefinementConfig):
         self.igp_model, self.costs, self.config = igp_model, costs, config
@@ -249,7 +249,7 @@ def _candidate_swaps(keep: torch.BoolTensor, scores: torch.Tensor, costs: torch.
 
 
 def _distinct_others(bank: torch.BoolTensor, cluster: int) -> list[int]:
-    """Indices of the first occurrence of each mask of the bank that differs from `bank[cluster]`."""
+    """Return the index of the first occurrence of each mask of the bank that differs from `bank[cluster]`."""
     seen, others = {tuple(bank[cluster].tolist())}, []
     for index in range(bank.shape[0]):
         key = tuple(bank[index].tolist())
