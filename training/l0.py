@@ -159,10 +159,12 @@ class MaskLearningConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; the effective regulariser is the same for any value."""
 
-    lr_scheduler_type: str = "constant"
-    """Learning-rate schedule of both parameter groups, any `transformers.SchedulerType` name. The expected sparsity
-    oscillates slowly around the target (periods of 80 to 130 steps on SmolLM2). A decaying schedule (`"linear"`,
-    `"cosine"`) may damp that swing towards the end, but it has not been measured on SmolLM2."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule of both parameter groups, any `transformers.SchedulerType` name. Under a constant rate
+    the expected sparsity swings around the target (periods of 80 to 130 steps on SmolLM2), and the swing grows late
+    in the run. A linear decay shrinks the last steps: with N = 8 and 8 of 60 blocks on SmolLM2, the last step's
+    expected sparsity was within 0.002 of the target for every cluster, against a worst cluster 0.011 off under a
+    constant rate."""
 
     seed: int = 0
     """Seed of the data order (Trainer) and of the gate noise."""
