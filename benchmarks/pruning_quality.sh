@@ -54,8 +54,8 @@ build_learned() {
 }
 
 refine_learned() {
-    # The static mask is scored on 64 texts and each of the 8 IG-Pruning clusters on 16 of its own, so the static
-    # search sees more texts per candidate and the clusters see 128 in all.
+    # The static mask is scored on 64 texts and each of the 8 IG-Pruning clusters on 16 of its own, so a static
+    # candidate is scored on more texts, while the clusters together use 128.
     for sparsity in ${SPARSITIES:-0.25 0.125}; do
         [ -f "$OUT/static-l0r-$sparsity/config.json" ] || \
             $IGP refine "$OUT/static-l0-$sparsity" --output "$OUT/static-l0r-$sparsity" --examples 64

@@ -353,7 +353,7 @@ def _record_resume_settings(learning_dir: Path, config: PruneConfig, mask_learni
     """Write the settings that shape mask learning beside its checkpoints, or, when resuming from a checkpoint, raise
     `ValueError` naming each setting that differs from the interrupted run's."""
     # Checkpointing and output handling do not change what is learned, so they may differ between the two runs.
-    # Refinement runs after mask learning, so it does not change what a checkpoint holds either.
+    # Refinement runs after mask learning, so it does not change what a checkpoint contains either.
     ignored = {"output_dir", "resume", "overwrite", "keep_checkpoints", "save_steps", "logging_steps", "refine"}
     settings = {
         "prune": {name: value for name, value in asdict(config).items() if name not in ignored},

@@ -30,12 +30,14 @@ def register(subparsers) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
     parser.add_argument("model", help="folder written by `igp prune` or `igp baseline`")
     parser.add_argument("--output", required=True, help="new folder to save the refined model to")
     parser.add_argument("--base", default=None,
                         help="base model with every block (default: text_config._name_or_path of the folder's config)")
     parser.add_argument("--calibration", default=None, metavar="SPEC",
                         help="calibration SPEC (default: the one in the folder's igp_run.json)")
+
     parser.add_argument("--rounds", type=int, default=2, help="swap rounds per cluster (0: bank choice only)")
     parser.add_argument("--window", type=int, default=3, help="blocks on each side of the cut that may swap")
     parser.add_argument("--examples", type=int, default=16, help="calibration texts per cluster that score masks")
@@ -45,6 +47,7 @@ def register(subparsers) -> None:
     parser.add_argument("--global-examples", type=int, default=0,
                         help="with several clusters: first refine one global mask on this many texts of all clusters "
                              "and offer it to every cluster (0: no global mask)")
+
     parser.add_argument("--seq-length", type=int, default=None,
                         help="maximum tokens per calibration text (default: the run's, else 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example sample")
@@ -108,7 +111,14 @@ def refine_saved_model(source: Path, output: Path, config, record: dict, spec: s
     from modeling_igp import IGPruningForCausalLM
 
     from .data import load_calibration, tokenize_calibration
-    from .pipeline import block_names, hamming_distances, load_base_model, plot_mask_bank, write_run_record
+    from .pipeline import (
+        block_names,
+        hamming_distances,
+        load_base_model,
+        plot_mask_bank,
+        refinement_summary,
+        write_run_record,
+    )
     from .refine import refine_masks
     from .sparsity import sparsity_report
 
@@ -166,13 +176,7 @@ def refine_saved_model(source: Path, output: Path, config, record: dict, spec: s
     record["refinement"] = {
         "source": str(source),
         "base_model": str(base_path),
-        "initial_mask_bank": bank,
-        "clusters": result.clusters,
-        "candidates_scored": result.candidates_scored,
-        "wall_time_s": round(result.wall_time_s, 2),
-        "config": result.config,
-        "global_mask": result.global_mask,
-        "global_search": result.global_record,
+        **refinement_summary(result, bank),
         "previous": record.get("refinement"),
     }
     sizes = torch.bincount(torch.tensor(clusters), minlength=num_clusters).tolist()
