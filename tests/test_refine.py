@@ -7,6 +7,7 @@ that `refine_masks` uses), one text at a time, and averages the next-token loss 
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -142,6 +143,45 @@ def test_global_mask_offered_to_every_cluster(base, dataset):
         offered = {cluster: BANK[cluster], 1 - cluster: BANK[1 - cluster], "global": result.global_mask}
         start_losses = {name: reference_loss(base, dataset, cluster, mask) for name, mask in offered.items()}
         assert result.clusters[cluster]["start"] == min(start_losses, key=start_losses.get)
+
+
+def window_scores(mask, skip, run):
+    """Return gate scores that make (skip, run) the only swap of `mask` in a window of 1."""
+    scores = torch.tensor(mask, dtype=torch.float) * 2
+    scores[skip] = scores[run] = 1.0
+    return scores
+
+
+def test_clusters_exchange_refined_masks(base, dataset):
+    # Both clusters start from one mask, and a window of 1 lets each reach one swap only: X for cluster 0, Y for
+    # cluster 1. X and Y are chosen by the reference loss so that each lowers its own cluster's loss, and Y lowers
+    # cluster 0's loss more than X does, which cluster 0 can only learn by scoring cluster 1's result.
+    start = BANK[0]
+    swaps = [tuple(swap) for swap in single_swaps(start)]
+    loss = {(cluster, swap): reference_loss(base, dataset, cluster, swap) for cluster in (0, 1) for swap in swaps}
+    own = [reference_loss(base, dataset, cluster, start) for cluster in (0, 1)]
+    pairs = [(x, y) for x in swaps for y in swaps
+             if loss[0, y] < loss[0, x] < own[0] and loss[1, y] < own[1] and loss[1, y] < loss[1, x]]
+    assert pairs, "the tiny model offers no pair of swaps that tests the exchange"
+    x, y = pairs[0]
+    scores = torch.stack([window_scores(start, *_swapped_blocks(start, x)),
+                          window_scores(start, *_swapped_blocks(start, y))])
+    config = MaskRefinementConfig(rounds=1, window=1, min_improvement=0.0, max_examples=len(TEXTS))
+
+    exchanged = refine_masks(base, dataset, [start, start], scores, config)
+    searched_only = refine_masks(base, dataset, [start, start], scores, replace(config, use_bank=False))
+
+    assert searched_only.mask_bank == [list(x), list(y)]
+    assert exchanged.mask_bank == [list(y), list(y)]
+    assert [record["exchange"] for record in exchanged.clusters] == [1, None]
+    assert exchanged.clusters[0]["final_loss"] == pytest.approx(loss[0, y], rel=1e-5)
+
+
+def _swapped_blocks(mask, swapped):
+    """Return (skip, run): the block that `swapped` skips and `mask` runs, and the block it runs that `mask` skips."""
+    skip = next(index for index, (a, b) in enumerate(zip(mask, swapped)) if a and not b)
+    run = next(index for index, (a, b) in enumerate(zip(mask, swapped)) if b and not a)
+    return skip, run
 
 
 def test_swaps_keep_skipped_parameters(base, dataset):

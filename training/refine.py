@@ -2,10 +2,11 @@
 
 L0 training ranks blocks through sampled gates, and with few examples per cluster the binarised masks near the cut
 are noisy. This step measures the loss instead. Candidates are scored on a seeded sample of the cluster's own
-calibration examples: first the bank's other masks, then swaps of one kept block for one skipped block near the cut.
-Near the cut means the kept blocks with the lowest gate scores and the skipped blocks with the highest. The cluster
-takes the best candidate as long as it lowers the loss by at least `min_improvement`. A swap never lowers the skipped
-cost, so every refined mask still meets the sparsity target.
+calibration examples: first the bank's other masks, then swaps of one kept block for one skipped block near the cut,
+and last the masks that the other clusters' searches ended with. Near the cut means the kept blocks with the lowest
+gate scores and the skipped blocks with the highest. The cluster takes the best candidate as long as it lowers the
+loss by at least `min_improvement`. A swap never lowers the skipped cost, so every refined mask still meets the
+sparsity target.
 """
 
 import logging
@@ -36,9 +37,10 @@ class MaskRefinementConfig:
     `window` skipped blocks with the highest, so one round scores up to `window ** 2` swaps."""
 
     use_bank: bool = True
-    """Score the bank's other masks for each cluster before the swaps, and start from the one with the lowest loss
-    if it beats the cluster's own mask by `min_improvement`. Masks that skip less cost than the cluster's own are not
-    candidates."""
+    """Score the bank's other masks for each cluster twice: before the swaps, to start from the one with the lowest
+    loss, and after every cluster's search, to take another cluster's refined mask. Either time a mask replaces the
+    cluster's own only if it lowers the loss by `min_improvement`. Masks that skip less cost than the cluster's own
+    are not candidates."""
 
     max_examples: int = 16
     """Calibration examples per cluster (seeded sample) on which candidates are scored. Each candidate costs one
@@ -84,8 +86,8 @@ class MaskRefinementResult:
     Args:
         mask_bank: the refined N masks of 2L 0/1 ints.
         clusters: one record per cluster: `examples`, `initial_loss`, `final_loss`, `start` (the bank index of the
-            mask it started the swaps from, or `"global"`) and `swaps` (`{"skip", "run", "loss"}` per applied swap,
-            block indices).
+            mask it started the swaps from, or `"global"`), `swaps` (`{"skip", "run", "loss"}` per applied swap,
+            block indices) and `exchange` (the cluster whose refined mask it took after the searches, or None).
         global_mask: the global mask offered to every cluster (`config.global_examples > 0`), else None.
         global_record: the global search's record, in the form of a cluster's, else None.
         candidates_scored: passes over a sample, in all: every mask scored, the starting masks included, and the
@@ -147,12 +149,13 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
         logger.info("Refined the global mask on %d examples: loss %.4f -> %.4f (%d swaps)", len(sample),
                     global_record["initial_loss"], global_record["final_loss"], len(global_record["swaps"]))
 
-    refined, records = bank.clone(), []
+    refined, records, samples = bank.clone(), [], {}
     for cluster in range(num_clusters):
         members = (cluster_column == cluster).nonzero().flatten()
         if members.numel() == 0:
             logger.warning("Cluster %d has no calibration examples; its mask is kept as it is.", cluster)
-            records.append({"examples": 0, "initial_loss": None, "final_loss": None, "start": cluster, "swaps": []})
+            records.append({"examples": 0, "initial_loss": None, "final_loss": None, "start": cluster, "swaps": [],
+                            "exchange": None})
             continue
         # NOTE: candidates are scored on texts the gates were trained on, and the best of about 20 is kept, so the
         # logged loss decrease is in-sample and overstates the held-out gain.
@@ -163,8 +166,25 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
                             desc=f"refine cluster {cluster}")
         refined[cluster] = torch.tensor(record.pop("mask"), dtype=torch.bool)
         records.append(record)
+        samples[cluster] = batches
         logger.info("Refined cluster %d on %d examples: loss %.4f -> %.4f (start from mask %s, %d swaps)", cluster,
                     len(sample), record["initial_loss"], record["final_loss"], record["start"], len(record["swaps"]))
+
+    # A swap that one cluster's search found can suit another cluster whose window did not reach it. Every cluster
+    # is therefore offered the masks the others ended their searches with, so the order of the clusters does not
+    # matter.
+    searched = refined.clone()
+    for cluster, batches in samples.items():
+        records[cluster]["exchange"] = None
+        if not config.use_bank:
+            continue
+        others = {index: searched[index] for index in _distinct_others(searched, cluster)}
+        choice = search.choose(batches, searched[cluster], records[cluster]["final_loss"], others)
+        if choice is not None:
+            source, loss = choice
+            refined[cluster] = searched[source]
+            records[cluster].update(exchange=source, final_loss=loss)
+            logger.info("Cluster %d takes the refined mask of cluster %d: loss %.4f", cluster, source, loss)
 
     return MaskRefinementResult(
         mask_bank=refined.int().tolist(), clusters=records, candidates_scored=search.scored,
@@ -184,6 +204,18 @@ class _LocalSearch:
         self.scored += 1
         return _mean_loss(self.igp_model, batches, keep, prefix, first_block, keep_states)
 
+    def choose(self, batches, keep: torch.BoolTensor, current: float, offered: dict):
+        """Return (name, loss) of the offered mask with the lowest loss if it beats `current` by `min_improvement`,
+        else None."""
+        # Masks that skip less than `keep` would undercut the target, so they are not scored.
+        own_cost = _skipped_cost(keep, self.costs)
+        offered = {name: mask for name, mask in offered.items() if _skipped_cost(mask, self.costs) >= own_cost - 1e-9}
+        if not offered:
+            return None
+        loss, name = min(((self.loss(batches, mask)[0], name) for name, mask in offered.items()),
+                         key=lambda pair: pair[0])
+        return (name, loss) if loss < current * (1 - self.config.min_improvement) else None
+
     def run(self, batches, keep: torch.BoolTensor, scores: torch.Tensor, offered: dict, own, desc: str = "refine"):
         """Return a record with the final `mask`, `examples`, `initial_loss`, `final_loss`, `start` and `swaps`."""
         config, threshold = self.config, 1 - self.config.min_improvement
@@ -191,15 +223,11 @@ class _LocalSearch:
         current, prefix = self.loss(batches, keep, keep_states=True)
         initial = current
 
-        # Masks that skip less than the starting one would undercut the target, so they are not offered.
-        own_cost = _skipped_cost(keep, self.costs)
-        offered = {name: mask for name, mask in offered.items() if _skipped_cost(mask, self.costs) >= own_cost - 1e-9}
-        if offered:
-            loss, name = min(((self.loss(batches, mask)[0], name) for name, mask in offered.items()),
-                             key=lambda pair: pair[0])
-            if loss < current * threshold:
-                keep, start, current = offered[name].clone(), name, loss
-                prefix = self.loss(batches, keep, keep_states=True)[1]
+        choice = self.choose(batches, keep, current, offered)
+        if choice is not None:
+            start, current = choice
+            keep = offered[start].clone()
+            prefix = self.loss(batches, keep, keep_states=True)[1]
 
         swaps = []
         for round_index in range(config.rounds):

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
         description=(
             "Load a model saved by `igp prune` or `igp baseline`, route its calibration texts to their clusters, and "
             "refine each cluster's mask on a sample of its own texts: first the bank's best mask for the cluster, "
-            "then swaps of one kept block for one skipped block near the cut while the loss falls. No mask skips "
+            "then swaps of one kept block for one skipped block near the cut while the loss falls, and last the "
+            "best of the masks the other clusters ended with. No mask skips "
             "less than before, in the run's sparsity unit. The dense weights come from the base model named in the "
             "folder's config (or --base), because the saved folder has no weights for blocks that no mask runs; the "
             "saved blocks must equal the base model's, so a fine-tuned folder is rejected."
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--examples", type=int, default=16, help="calibration texts per cluster that score masks")
     parser.add_argument("--min-improvement", type=float, default=0.002,
                         help="relative loss decrease, in [0, 1), that a candidate needs to replace the current mask")
-    parser.add_argument("--no-bank", action="store_true", help="skip the choice among the bank's masks")
+    parser.add_argument("--no-bank", action="store_true", help="skip the choices among the bank's masks (before the swaps and after them)")
     parser.add_argument("--global-examples", type=int, default=0,
                         help="with several clusters: first refine one global mask on this many texts of all clusters "
                              "and offer it to every cluster (0: no global mask)")
