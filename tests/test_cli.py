@@ -59,6 +59,7 @@ def write_texts(path, count):
     (["--calibration", "texts.jsonl@ten"], "Invalid sample count 'ten'"),
     (["--sparsity-unit", "layers"], "invalid choice: 'layers'"),
     (["--refine", "--refine-window", "0"], "--refine-window must be at least 1, got 0"),
+    (["--refine", "--refine-exchange-examples", "0"], "--refine-exchange-examples must be at least 1, got 0"),
 ])
 def test_prune_bad_arguments_exit_2(arguments, message, capsys, tmp_path):
     code, error = exit_code_and_error(["prune", "--output", str(tmp_path / "out"), *arguments], capsys)

@@ -173,8 +173,30 @@ def test_clusters_exchange_refined_masks(base, dataset):
 
     assert searched_only.mask_bank == [list(x), list(y)]
     assert exchanged.mask_bank == [list(y), list(y)]
-    assert [record["exchange"] for record in exchanged.clusters] == [1, None]
+    assert exchanged.clusters[0]["exchange"]["took"] == 1
+    assert exchanged.clusters[0]["exchange"]["own_loss"] == pytest.approx(loss[0, x], rel=1e-5)
+    assert exchanged.clusters[0]["exchange"]["losses"]["1"] == pytest.approx(loss[0, y], rel=1e-5)
     assert exchanged.clusters[0]["final_loss"] == pytest.approx(loss[0, y], rel=1e-5)
+    assert exchanged.clusters[1]["exchange"]["took"] is None
+
+
+def test_exchange_scores_a_larger_sample(base, dataset):
+    # Each cluster searches on 1 of its 3 texts but weighs the other cluster's mask on all 3, so the exchange follows
+    # the loss over the whole cluster.
+    config = MaskRefinementConfig(rounds=0, min_improvement=0.0, max_examples=1, exchange_examples=3)
+
+    result = refine_masks(base, dataset, BANK, torch.zeros(2, 2 * NUM_LAYERS), config)
+
+    for cluster in range(2):
+        exchange = result.clusters[cluster]["exchange"]
+        searched = BANK[1 - cluster] if result.clusters[cluster]["start"] == 1 - cluster else BANK[cluster]
+        other = BANK[cluster] if searched == BANK[1 - cluster] else BANK[1 - cluster]
+        assert result.clusters[cluster]["examples"] == 1
+        assert exchange["examples"] == 3
+        assert exchange["own_loss"] == pytest.approx(reference_loss(base, dataset, cluster, searched), rel=1e-5)
+        other_loss = reference_loss(base, dataset, cluster, other)
+        assert list(exchange["losses"].values()) == [pytest.approx(other_loss, rel=1e-5)]
+        assert result.mask_bank[cluster] == (other if other_loss < exchange["own_loss"] else searched)
 
 
 def _swapped_blocks(mask, swapped):
@@ -298,6 +320,30 @@ def test_refine_command_lowers_each_cluster_loss(pruned_dir, base, tokenizer, tm
     assert (tmp_path / "refined" / "mask_bank.png").is_file()
 
 
+def test_refine_command_restarts_from_learned_masks(pruned_dir, tmp_path):
+    # A second refinement with --from-learned starts again from the masks mask learning gave, so it repeats the first
+    # one, where a plain second refinement would start from the refined masks.
+    options = ["--examples", "100", "--window", "2", "--min-improvement", "0"]
+    learned = json.loads((pruned_dir / "config.json").read_text())["mask_bank"]
+
+    refine_command(pruned_dir, tmp_path / "once", *options)
+    refine_command(tmp_path / "once", tmp_path / "again", *options, "--from-learned")
+
+    once = json.loads((tmp_path / "once" / "igp_run.json").read_text())
+    again = json.loads((tmp_path / "again" / "igp_run.json").read_text())
+    assert once["masks"]["mask_bank"] != learned
+    assert again["refinement"]["initial_mask_bank"] == learned
+    assert again["masks"]["mask_bank"] == once["masks"]["mask_bank"]
+    assert again["refinement"]["previous"]["initial_mask_bank"] == learned
+
+
+def test_refine_command_from_learned_needs_a_refinement(pruned_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        refine_command(pruned_dir, tmp_path / "out", "--from-learned")
+
+    assert "records no refinement" in capsys.readouterr().err
+
+
 def test_refine_command_scores_static_baseline(baseline_dir, tmp_path):
     code = refine_command(baseline_dir, tmp_path / "refined", "--examples", "4", "--window", "2")
 
@@ -349,6 +395,7 @@ def test_refine_command_protects_folders(output, message, pruned_dir, tmp_path, 
 @pytest.mark.parametrize("options, message", [
     (["--rounds", "-1"], "--rounds must be at least 0"),
     (["--examples", "0"], "--examples must be at least 1"),
+    (["--exchange-examples", "0"], "--exchange-examples must be at least 1"),
     (["--seq-length", "1"], "--seq-length must be at least 2"),
     (["--min-improvement", "nan"], "--min-improvement must be in [0, 1)"),
     (["--base", "/nonexistent/base"], "Could not load the base model /nonexistent/base"),

@@ -130,6 +130,9 @@ def register(subparsers) -> None:
                             help="with --refine: blocks on each side of the cut, by gate score, that may swap")
     refinement.add_argument("--refine-examples", type=int, default=16,
                             help="with --refine: calibration texts per cluster that score each candidate mask")
+    refinement.add_argument("--refine-exchange-examples", type=int, default=64,
+                            help="with --refine and several clusters: calibration texts per cluster that score the "
+                                 "other clusters' refined masks after the searches")
     refinement.add_argument("--refine-global-examples", type=int, default=0,
                             help="with --refine and several clusters: first refine one global mask on this many texts "
                                  "of all clusters and offer it to every cluster (0: no global mask)")
@@ -198,11 +201,13 @@ def build_configs(args):
         for option, value, minimum in (("--refine-rounds", args.refine_rounds, 0),
                                        ("--refine-window", args.refine_window, 1),
                                        ("--refine-examples", args.refine_examples, 1),
+                                       ("--refine-exchange-examples", args.refine_exchange_examples, 1),
                                        ("--refine-global-examples", args.refine_global_examples, 0)):
             if value < minimum:
                 raise UsageError(f"{option} must be at least {minimum}, got {value}.")
         refine = MaskRefinementConfig(rounds=args.refine_rounds, window=args.refine_window,
                                       max_examples=args.refine_examples,
+                                      exchange_examples=args.refine_exchange_examples,
                                       global_examples=args.refine_global_examples)
 
     config = PruneConfig(

@@ -46,6 +46,11 @@ class MaskRefinementConfig:
     """Calibration examples per cluster (seeded sample) on which candidates are scored. Each candidate costs one
     forward pass over them, so this sets the run time."""
 
+    exchange_examples: int = 64
+    """Calibration examples per cluster (the same seeded order, so they include the search sample) on which a cluster
+    scores the other clusters' refined masks. Two refined masks often differ in two blocks and in their loss by less
+    than a percent, a gap that a sample of 16 texts does not resolve, so this sample is larger than `max_examples`."""
+
     global_examples: int = 0
     """Examples of all clusters for a global search, or 0 for none. With more than one cluster and a value above 0,
     one global mask is refined first, starting from the bank's most common mask. It is then offered to every cluster
@@ -68,7 +73,7 @@ class MaskRefinementConfig:
     """Seed of the example sample."""
 
     def __post_init__(self):
-        for name in ("rounds", "window", "max_examples", "batch_size", "global_examples"):
+        for name in ("rounds", "window", "max_examples", "exchange_examples", "batch_size", "global_examples"):
             minimum = 0 if name in ("rounds", "global_examples") else 1
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}.")
@@ -87,7 +92,10 @@ class MaskRefinementResult:
         mask_bank: the refined N masks of 2L 0/1 ints.
         clusters: one record per cluster: `examples`, `initial_loss`, `final_loss`, `start` (the bank index of the
             mask it started the swaps from, or `"global"`), `swaps` (`{"skip", "run", "loss"}` per applied swap,
-            block indices) and `exchange` (the cluster whose refined mask it took after the searches, or None).
+            block indices) and `exchange` (None if no other mask could be offered, else `{"examples", "own_loss",
+            "losses", "took"}`: the losses of its searched mask and of the other clusters' masks on the exchange
+            sample, and the cluster whose mask it took, or None). `final_loss` is that of the final mask on the
+            search sample.
         global_mask: the global mask offered to every cluster (`config.global_examples > 0`), else None.
         global_record: the global search's record, in the form of a cluster's, else None.
         candidates_scored: passes over a sample, in all: every mask scored, the starting masks included, and the
@@ -149,7 +157,7 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
         logger.info("Refined the global mask on %d examples: loss %.4f -> %.4f (%d swaps)", len(sample),
                     global_record["initial_loss"], global_record["final_loss"], len(global_record["swaps"]))
 
-    refined, records, samples = bank.clone(), [], {}
+    refined, records, exchange_samples = bank.clone(), [], {}
     for cluster in range(num_clusters):
         members = (cluster_column == cluster).nonzero().flatten()
         if members.numel() == 0:
@@ -159,14 +167,18 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
             continue
         # NOTE: candidates are scored on texts the gates were trained on, and the best of about 20 is kept, so the
         # logged loss decrease is in-sample and overstates the held-out gain.
-        sample = members[torch.randperm(members.numel(), generator=generator)[:config.max_examples]].tolist()
+        order = members[torch.randperm(members.numel(), generator=generator)].tolist()
+        sample = order[:config.max_examples]
         batches = _length_sorted_batches([dataset[index] for index in sample], config.batch_size)
         others = {index: bank[index] for index in _distinct_others(bank, cluster)} if config.use_bank else {}
         record = search.run(batches, bank[cluster].clone(), scores[cluster], {**others, **offered}, cluster,
                             desc=f"refine cluster {cluster}")
         refined[cluster] = torch.tensor(record.pop("mask"), dtype=torch.bool)
         records.append(record)
-        samples[cluster] = batches
+        exchange_sample = order[:config.exchange_examples]
+        exchange_samples[cluster] = (batches, batches if exchange_sample == sample else
+                                     _length_sorted_batches([dataset[index] for index in exchange_sample],
+                                                            config.batch_size))
         logger.info("Refined cluster %d on %d examples: loss %.4f -> %.4f (start from mask %s, %d swaps)", cluster,
                     len(sample), record["initial_loss"], record["final_loss"], record["start"], len(record["swaps"]))
 
@@ -174,17 +186,24 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
     # is therefore offered the masks the others ended their searches with, so the order of the clusters does not
     # matter.
     searched = refined.clone()
-    for cluster, batches in samples.items():
+    for cluster, (batches, exchange_batches) in exchange_samples.items():
         records[cluster]["exchange"] = None
-        if not config.use_bank:
+        others = {index: searched[index] for index in _distinct_others(searched, cluster)} if config.use_bank else {}
+        losses = search.score(exchange_batches, searched[cluster], others)
+        if not losses:
             continue
-        others = {index: searched[index] for index in _distinct_others(searched, cluster)}
-        choice = search.choose(batches, searched[cluster], records[cluster]["final_loss"], others)
-        if choice is not None:
-            source, loss = choice
-            refined[cluster] = searched[source]
-            records[cluster].update(exchange=source, final_loss=loss)
-            logger.info("Cluster %d takes the refined mask of cluster %d: loss %.4f", cluster, source, loss)
+        own_loss = (records[cluster]["final_loss"] if exchange_batches is batches
+                    else search.loss(exchange_batches, searched[cluster])[0])
+        took = min(losses, key=losses.get)
+        if losses[took] >= own_loss * (1 - config.min_improvement):
+            took = None
+        records[cluster]["exchange"] = {"examples": _num_examples(exchange_batches), "own_loss": own_loss,
+                                        "losses": {str(index): loss for index, loss in losses.items()}, "took": took}
+        if took is not None:
+            refined[cluster] = searched[took]
+            records[cluster]["final_loss"] = search.loss(batches, refined[cluster])[0]
+            logger.info("Cluster %d takes the refined mask of cluster %d: loss %.4f -> %.4f on %d examples", cluster,
+                        took, own_loss, losses[took], _num_examples(exchange_batches))
 
     return MaskRefinementResult(
         mask_bank=refined.int().tolist(), clusters=records, candidates_scored=search.scored,
@@ -204,17 +223,21 @@ class _LocalSearch:
         self.scored += 1
         return _mean_loss(self.igp_model, batches, keep, prefix, first_block, keep_states)
 
+    def score(self, batches, keep: torch.BoolTensor, offered: dict) -> dict:
+        """Return the loss of each offered mask that skips at least the cost `keep` skips."""
+        # Masks that skip less than `keep` would undercut the target, so they are not scored.
+        own_cost = _skipped_cost(keep, self.costs)
+        return {name: self.loss(batches, mask)[0] for name, mask in offered.items()
+                if _skipped_cost(mask, self.costs) >= own_cost - 1e-9}
+
     def choose(self, batches, keep: torch.BoolTensor, current: float, offered: dict):
         """Return (name, loss) of the offered mask with the lowest loss if it beats `current` by `min_improvement`,
         else None."""
-        # Masks that skip less than `keep` would undercut the target, so they are not scored.
-        own_cost = _skipped_cost(keep, self.costs)
-        offered = {name: mask for name, mask in offered.items() if _skipped_cost(mask, self.costs) >= own_cost - 1e-9}
-        if not offered:
+        losses = self.score(batches, keep, offered)
+        if not losses:
             return None
-        loss, name = min(((self.loss(batches, mask)[0], name) for name, mask in offered.items()),
-                         key=lambda pair: pair[0])
-        return (name, loss) if loss < current * (1 - self.config.min_improvement) else None
+        name = min(losses, key=losses.get)
+        return (name, losses[name]) if losses[name] < current * (1 - self.config.min_improvement) else None
 
     def run(self, batches, keep: torch.BoolTensor, scores: torch.Tensor, offered: dict, own, desc: str = "refine"):
         """Return a record with the final `mask`, `examples`, `initial_loss`, `final_loss`, `start` and `swaps`."""
@@ -247,7 +270,7 @@ class _LocalSearch:
             if round_index + 1 < config.rounds:
                 prefix = self.loss(batches, keep, keep_states=True)[1]
 
-        return {"mask": keep.int().tolist(), "examples": sum(len(batch["input_ids"]) for batch in batches),
+        return {"mask": keep.int().tolist(), "examples": _num_examples(batches),
                 "initial_loss": initial, "final_loss": current, "start": start, "swaps": swaps}
 
 
@@ -285,6 +308,10 @@ def _distinct_others(bank: torch.BoolTensor, cluster: int) -> list[int]:
             seen.add(key)
             others.append(index)
     return others
+
+
+def _num_examples(batches: list[dict]) -> int:
+    return sum(len(batch["input_ids"]) for batch in batches)
 
 
 def _skipped_cost(keep: torch.BoolTensor, costs: torch.Tensor) -> float:

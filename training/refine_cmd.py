@@ -42,9 +42,15 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="swap rounds per cluster (0: bank choice only)")
     parser.add_argument("--window", type=int, default=3, help="blocks on each side of the cut that may swap")
     parser.add_argument("--examples", type=int, default=16, help="calibration texts per cluster that score masks")
+    parser.add_argument("--exchange-examples", type=int, default=64,
+                        help="calibration texts per cluster that score the other clusters' refined masks")
+    parser.add_argument("--from-learned", action="store_true",
+                        help="start from the masks that mask learning gave, as recorded by an earlier refinement in "
+                             "igp_run.json, instead of the folder's refined masks")
     parser.add_argument("--min-improvement", type=float, default=0.002,
                         help="relative loss decrease, in [0, 1), that a candidate needs to replace the current mask")
-    parser.add_argument("--no-bank", action="store_true", help="skip the choices among the bank's masks (before the swaps and after them)")
+    parser.add_argument("--no-bank", action="store_true",
+                        help="skip the choices among the bank's masks (before the swaps and after them)")
     parser.add_argument("--global-examples", type=int, default=0,
                         help="with several clusters: first refine one global mask on this many texts of all clusters "
                              "and offer it to every cluster (0: no global mask)")
@@ -63,6 +69,7 @@ def run(args) -> int:
     check_folders(source, output, args.overwrite)
     for option, value, minimum in (("--rounds", args.rounds, 0), ("--window", args.window, 1),
                                    ("--examples", args.examples, 1), ("--seq-length", args.seq_length, 2),
+                                   ("--exchange-examples", args.exchange_examples, 1),
                                    ("--global-examples", args.global_examples, 0)):
         if value is not None and value < minimum:
             raise UsageError(f"{option} must be at least {minimum}, got {value}.")
@@ -78,13 +85,27 @@ def run(args) -> int:
         raise UsageError(f"{record_path} {missing}; pass the texts to refine on with --calibration SPEC.")
     # Refinement must cost blocks in the unit the masks were learned in, or a swap could undercut the target.
     config = MaskRefinementConfig(rounds=args.rounds, window=args.window, max_examples=args.examples,
+                                  exchange_examples=args.exchange_examples,
                                   min_improvement=args.min_improvement, use_bank=not args.no_bank, seed=args.seed,
                                   global_examples=args.global_examples,
                                   sparsity_unit=settings.get("sparsity_unit", "blocks"),
                                   context_length=settings.get("context_length", 2048))
+    start_bank = learned_mask_bank(record, record_path) if args.from_learned else None
     refine_saved_model(source, output, config, record, spec, base=args.base,
-                       max_length=args.seq_length or settings.get("max_length") or 128, argv=["igp", *sys.argv[1:]])
+                       max_length=args.seq_length or settings.get("max_length") or 128, argv=["igp", *sys.argv[1:]],
+                       start_bank=start_bank)
     return 0
+
+
+def learned_mask_bank(record: dict, record_path: Path) -> list[list[int]]:
+    """Return the masks the folder had before its first refinement, as its run record keeps them."""
+    refinement = record.get("refinement")
+    if not refinement:
+        raise UsageError(f"{record_path} records no refinement, so the folder's masks are already those mask learning "
+                         "gave; drop --from-learned.")
+    while refinement.get("previous"):
+        refinement = refinement["previous"]
+    return refinement["initial_mask_bank"]
 
 
 def check_folders(source: Path, output: Path, overwrite: bool) -> None:
@@ -104,8 +125,9 @@ def check_folders(source: Path, output: Path, overwrite: bool) -> None:
 
 
 def refine_saved_model(source: Path, output: Path, config, record: dict, spec: str, base: str | None = None,
-                       max_length: int = 128, argv=None):
-    """Refine the bank of the model saved in `source` and save the refined model and its run record to `output`."""
+                       max_length: int = 128, argv=None, start_bank: list[list[int]] | None = None):
+    """Refine the bank of the model saved in `source` (or `start_bank`, masks of the same model) and save the refined
+    model and its run record to `output`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -149,7 +171,7 @@ def refine_saved_model(source: Path, output: Path, config, record: dict, spec: s
                 torch.bincount(torch.tensor(clusters), minlength=num_clusters).tolist())
     dataset = tokenize_calibration(texts, tokenizer, max_length, cluster_ids=clusters)
 
-    bank = pruned.config.mask_bank
+    bank = start_bank or pruned.config.mask_bank
     scores = record.get("mask_learning", {}).get("gate_scores")
     if scores is None:
         # Static baselines keep no gate scores, so each cluster's Block Influence ranks its blocks instead.
