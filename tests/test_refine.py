@@ -175,9 +175,28 @@ def test_clusters_exchange_refined_masks(base, dataset):
     assert exchanged.mask_bank == [list(y), list(y)]
     assert exchanged.clusters[0]["exchange"]["took"] == 1
     assert exchanged.clusters[0]["exchange"]["own_loss"] == pytest.approx(loss[0, x], rel=1e-5)
-    assert exchanged.clusters[0]["exchange"]["losses"]["1"] == pytest.approx(loss[0, y], rel=1e-5)
-    assert exchanged.clusters[0]["final_loss"] == pytest.approx(loss[0, y], rel=1e-5)
+    assert exchanged.clusters[0]["exchange"]["candidates"] == [{"cluster": 1,
+                                                                "loss": pytest.approx(loss[0, y], rel=1e-5)}]
+    assert exchanged.clusters[0]["final_loss"] == pytest.approx(loss[0, x], rel=1e-5)
     assert exchanged.clusters[1]["exchange"]["took"] is None
+
+    # A threshold just above cluster 0's gain keeps its own mask.
+    gain = 1 - loss[0, y] / loss[0, x]
+    kept = refine_masks(base, dataset, [start, start], scores, replace(config, min_improvement=gain * 1.01))
+    assert kept.mask_bank[0] == list(x)
+    assert kept.clusters[0]["exchange"]["took"] is None
+
+
+def test_exchange_keeps_skipped_parameters(base, dataset):
+    # Cluster 1 skips two attention blocks, fewer parameters than cluster 0's two MLP blocks, so cluster 0 may not
+    # take it in the exchange, whatever its loss.
+    bank = [[1, 0, 1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 0, 1, 1, 1]]
+    config = MaskRefinementConfig(rounds=0, min_improvement=0.0, max_examples=len(TEXTS), sparsity_unit="params")
+
+    result = refine_masks(base, dataset, bank, torch.zeros(2, 2 * NUM_LAYERS), config)
+
+    assert result.mask_bank[0] == bank[0]
+    assert result.clusters[0]["exchange"] is None
 
 
 def test_exchange_scores_a_larger_sample(base, dataset):
@@ -195,8 +214,13 @@ def test_exchange_scores_a_larger_sample(base, dataset):
         assert exchange["examples"] == 3
         assert exchange["own_loss"] == pytest.approx(reference_loss(base, dataset, cluster, searched), rel=1e-5)
         other_loss = reference_loss(base, dataset, cluster, other)
-        assert list(exchange["losses"].values()) == [pytest.approx(other_loss, rel=1e-5)]
+        assert [candidate["loss"] for candidate in exchange["candidates"]] == [pytest.approx(other_loss, rel=1e-5)]
         assert result.mask_bank[cluster] == (other if other_loss < exchange["own_loss"] else searched)
+        # The search's final loss stays that of `searched` on the one sampled text, whichever text it was.
+        final = result.clusters[cluster]["final_loss"]
+        single = [reference_loss(base, dataset.select([index]), cluster, searched)
+                  for index in range(len(dataset)) if dataset[index]["cluster_ids"] == cluster]
+        assert final == pytest.approx(min(single, key=lambda value: abs(value - final)), rel=1e-5)
 
 
 def _swapped_blocks(mask, swapped):
@@ -321,20 +345,22 @@ def test_refine_command_lowers_each_cluster_loss(pruned_dir, base, tokenizer, tm
 
 
 def test_refine_command_restarts_from_learned_masks(pruned_dir, tmp_path):
-    # A second refinement with --from-learned starts again from the masks mask learning gave, so it repeats the first
-    # one, where a plain second refinement would start from the refined masks.
+    # The folder is refined twice, the second time from the refined masks, so its latest record starts from refined
+    # masks. --from-learned starts again from the masks mask learning gave and so repeats the first refinement.
     options = ["--examples", "100", "--window", "2", "--min-improvement", "0"]
     learned = json.loads((pruned_dir / "config.json").read_text())["mask_bank"]
 
     refine_command(pruned_dir, tmp_path / "once", *options)
-    refine_command(tmp_path / "once", tmp_path / "again", *options, "--from-learned")
+    refine_command(tmp_path / "once", tmp_path / "twice", *options, "--rounds", "0")
+    refine_command(tmp_path / "twice", tmp_path / "again", *options, "--from-learned")
 
     once = json.loads((tmp_path / "once" / "igp_run.json").read_text())
+    twice = json.loads((tmp_path / "twice" / "igp_run.json").read_text())
     again = json.loads((tmp_path / "again" / "igp_run.json").read_text())
     assert once["masks"]["mask_bank"] != learned
+    assert twice["refinement"]["initial_mask_bank"] == once["masks"]["mask_bank"]
     assert again["refinement"]["initial_mask_bank"] == learned
     assert again["masks"]["mask_bank"] == once["masks"]["mask_bank"]
-    assert again["refinement"]["previous"]["initial_mask_bank"] == learned
 
 
 def test_refine_command_from_learned_needs_a_refinement(pruned_dir, tmp_path, capsys):

@@ -3,10 +3,10 @@
 L0 training ranks blocks through sampled gates, and with few examples per cluster the binarised masks near the cut
 are noisy. This step measures the loss instead. Candidates are scored on a seeded sample of the cluster's own
 calibration examples: first the bank's other masks, then swaps of one kept block for one skipped block near the cut,
-and last the masks that the other clusters' searches ended with. Near the cut means the kept blocks with the lowest
-gate scores and the skipped blocks with the highest. The cluster takes the best candidate as long as it lowers the
-loss by at least `min_improvement`. A swap never lowers the skipped cost, so every refined mask still meets the
-sparsity target.
+and last, on a larger sample, the masks that the other clusters' searches ended with. Near the cut means the kept
+blocks with the lowest gate scores and the skipped blocks with the highest. The cluster takes the best candidate as
+long as it lowers the loss by at least `min_improvement`. A swap never lowers the skipped cost, so every refined mask
+still meets the sparsity target.
 """
 
 import logging
@@ -47,9 +47,10 @@ class MaskRefinementConfig:
     forward pass over them, so this sets the run time."""
 
     exchange_examples: int = 64
-    """Calibration examples per cluster (the same seeded order, so they include the search sample) on which a cluster
-    scores the other clusters' refined masks. Two refined masks often differ in two blocks and in their loss by less
-    than a percent, a gap that a sample of 16 texts does not resolve, so this sample is larger than `max_examples`."""
+    """Calibration examples per cluster on which it scores the other clusters' refined masks, drawn in the same seeded
+    order as the search sample, so they include it (a value below `max_examples` counts as `max_examples`). Two refined
+    masks often differ in two blocks and in their loss by less than a percent, a gap that a sample of 16 texts does
+    not resolve."""
 
     global_examples: int = 0
     """Examples of all clusters for a global search, or 0 for none. With more than one cluster and a value above 0,
@@ -92,12 +93,12 @@ class MaskRefinementResult:
         mask_bank: the refined N masks of 2L 0/1 ints.
         clusters: one record per cluster: `examples`, `initial_loss`, `final_loss`, `start` (the bank index of the
             mask it started the swaps from, or `"global"`), `swaps` (`{"skip", "run", "loss"}` per applied swap,
-            block indices) and `exchange` (None if no other mask could be offered, else `{"examples", "own_loss",
-            "losses", "took"}`: the losses of its searched mask and of the other clusters' masks on the exchange
-            sample, and the cluster whose mask it took, or None). `final_loss` is that of the final mask on the
-            search sample.
+            block indices) and `exchange` (None if no other cluster's mask could be offered, else `{"examples",
+            "own_loss", "candidates", "took"}`: on the exchange sample, the loss of the mask the search ended with
+            and `{"cluster", "loss"}` for each other cluster's mask, and the cluster whose mask it took, or None).
+            `initial_loss` and `final_loss` are those of the search, on the search sample.
         global_mask: the global mask offered to every cluster (`config.global_examples > 0`), else None.
-        global_record: the global search's record, in the form of a cluster's, else None.
+        global_record: the global search's record, in the form of a cluster's without `exchange`, else None.
         candidates_scored: passes over a sample, in all: every mask scored, the starting masks included, and the
             passes that store a mask's layer inputs for the swaps.
         wall_time_s: seconds for the whole call.
@@ -175,7 +176,7 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
                             desc=f"refine cluster {cluster}")
         refined[cluster] = torch.tensor(record.pop("mask"), dtype=torch.bool)
         records.append(record)
-        exchange_sample = order[:config.exchange_examples]
+        exchange_sample = order[:max(config.exchange_examples, config.max_examples)]
         exchange_samples[cluster] = (batches, batches if exchange_sample == sample else
                                      _length_sorted_batches([dataset[index] for index in exchange_sample],
                                                             config.batch_size))
@@ -185,8 +186,8 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
     # A swap that one cluster's search found can suit another cluster whose window did not reach it. Every cluster
     # is therefore offered the masks the others ended their searches with, so the order of the clusters does not
     # matter.
-    searched = refined.clone()
-    for cluster, (batches, exchange_batches) in exchange_samples.items():
+    searched, exchange_start = refined.clone(), time.perf_counter()
+    for cluster, (batches, exchange_batches) in tqdm(exchange_samples.items(), desc="exchange", leave=False):
         records[cluster]["exchange"] = None
         others = {index: searched[index] for index in _distinct_others(searched, cluster)} if config.use_bank else {}
         losses = search.score(exchange_batches, searched[cluster], others)
@@ -197,13 +198,18 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
         took = min(losses, key=losses.get)
         if losses[took] >= own_loss * (1 - config.min_improvement):
             took = None
-        records[cluster]["exchange"] = {"examples": _num_examples(exchange_batches), "own_loss": own_loss,
-                                        "losses": {str(index): loss for index, loss in losses.items()}, "took": took}
+        records[cluster]["exchange"] = {
+            "examples": _num_examples(exchange_batches), "own_loss": own_loss,
+            "candidates": [{"cluster": index, "loss": loss} for index, loss in losses.items()], "took": took,
+        }
         if took is not None:
             refined[cluster] = searched[took]
-            records[cluster]["final_loss"] = search.loss(batches, refined[cluster])[0]
             logger.info("Cluster %d takes the refined mask of cluster %d: loss %.4f -> %.4f on %d examples", cluster,
                         took, own_loss, losses[took], _num_examples(exchange_batches))
+    if config.use_bank and num_clusters > 1:
+        taken = sum(record["exchange"] is not None and record["exchange"]["took"] is not None for record in records)
+        logger.info("Exchange of refined masks: %d of %d clusters took another cluster's mask in %.1f s", taken,
+                    num_clusters, time.perf_counter() - exchange_start)
 
     return MaskRefinementResult(
         mask_bank=refined.int().tolist(), clusters=records, candidates_scored=search.scored,

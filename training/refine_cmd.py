@@ -45,8 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--exchange-examples", type=int, default=64,
                         help="calibration texts per cluster that score the other clusters' refined masks")
     parser.add_argument("--from-learned", action="store_true",
-                        help="start from the masks that mask learning gave, as recorded by an earlier refinement in "
-                             "igp_run.json, instead of the folder's refined masks")
+                        help="start from the masks the folder had before its first refinement (those of mask "
+                             "learning or of the baseline, kept in igp_run.json) instead of its refined masks")
     parser.add_argument("--min-improvement", type=float, default=0.002,
                         help="relative loss decrease, in [0, 1), that a candidate needs to replace the current mask")
     parser.add_argument("--no-bank", action="store_true",
@@ -99,12 +99,18 @@ def run(args) -> int:
 
 def learned_mask_bank(record: dict, record_path: Path) -> list[list[int]]:
     """Return the masks the folder had before its first refinement, as its run record keeps them."""
+    if not record_path.is_file():
+        raise UsageError(f"{record_path} is missing, so the masks before refinement are unknown; drop --from-learned "
+                         "to refine the folder's masks.")
     refinement = record.get("refinement")
     if not refinement:
-        raise UsageError(f"{record_path} records no refinement, so the folder's masks are already those mask learning "
-                         "gave; drop --from-learned.")
+        raise UsageError(f"{record_path} records no refinement, so the folder's masks are the ones it was built with; "
+                         "drop --from-learned.")
     while refinement.get("previous"):
         refinement = refinement["previous"]
+    if "initial_mask_bank" not in refinement:
+        raise UsageError(f"The refinement recorded in {record_path} keeps no initial_mask_bank; drop --from-learned "
+                         "to refine the folder's masks.")
     return refinement["initial_mask_bank"]
 
 
