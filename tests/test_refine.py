@@ -341,6 +341,10 @@ def test_refine_command_lowers_each_cluster_loss(pruned_dir, base, tokenizer, tm
     assert record["masks"]["mask_bank"] == refined.config.mask_bank
     assert record["refinement"]["initial_mask_bank"] == source.config.mask_bank
     assert record["refinement"]["config"]["sparsity_unit"] == "params"
+    before_timings = json.loads((pruned_dir / "igp_run.json").read_text())["timings_s"]
+    after_timings = record["timings_s"]
+    assert after_timings["total"] - before_timings["total"] == pytest.approx(
+        after_timings["refinement"] - before_timings.get("refinement", 0.0), abs=0.02)
     assert (tmp_path / "refined" / "mask_bank.png").is_file()
 
 
