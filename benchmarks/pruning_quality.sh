@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/pruning_quality.sh baselines   # dense, ShortGPT, block Block Influence, random (3 seeds)
 #   bash benchmarks/pruning_quality.sh learned     # static L0 (one cluster) and IG-Pruning with N = 4 and 8
-#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and IG-Pruning N = 8 (suffix "r")
+#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"), and the N = 8 recipe ("lx")
 #   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
 #   bash benchmarks/pruning_quality.sh speed       # speed and memory of every built model, in one run
 #   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots
@@ -61,6 +61,12 @@ refine_learned() {
             $IGP refine "$OUT/static-l0-$sparsity" --output "$OUT/static-l0r-$sparsity" --examples 64
         [ -f "$OUT/igp-n8r-$sparsity/config.json" ] || \
             $IGP refine "$OUT/igp-n8-$sparsity" --output "$OUT/igp-n8r-$sparsity" --examples 16
+        # The current recipe in one run: mask learning, a global search on 64 texts, per-cluster searches and the
+        # exchange of refined masks.
+        blocks=$([ "$sparsity" = 0.125 ] && echo 0.13333334 || echo 0.26666667)
+        [ -f "$OUT/igp-n8lx-$sparsity/config.json" ] || \
+            $IGP prune --clusters 8 --sparsity "$blocks" --calibration "$CALIBRATION" --refine \
+                --refine-global-examples 64 --output "$OUT/igp-n8lx-$sparsity"
     done
 }
 
