@@ -149,6 +149,7 @@ def render_card(model_dir, repo_id: str | None = None, context_length: int | Non
         calibration_spec=_first(run.get("calibration"), "spec"),
         training_table=_settings_table(run.get("settings")),
         learning_summary=_learning_summary(run.get("mask_learning")),
+        refinement_summary=_refinement_summary(run.get("refinement"), mask_bank),
         timing_table=_timing_table(_first(run, "timings_s", "timings")),
         training_images=[image for image in images if not image["is_mask_bank"]],
         run_record=RUN_RECORD if run else None,
@@ -557,6 +558,23 @@ def _learning_summary(learning) -> str | None:
     text = f"Mask learning ran {steps} optimizer steps"
     if _is_number(seconds):
         text += f" in {_duration(seconds)}"
+    return text + "."
+
+
+def _refinement_summary(refinement, mask_bank) -> str | None:
+    """Return one sentence on what mask refinement did, from the run record's `refinement` entry."""
+    if not isinstance(refinement, dict) or not isinstance(refinement.get("initial_mask_bank"), list):
+        return None
+    changed = sum(old != list(new) for old, new in zip(refinement["initial_mask_bank"], mask_bank))
+    clusters = [entry for entry in refinement.get("clusters", []) if isinstance(entry, dict)]
+    taken = sum(isinstance(entry.get("exchange"), dict) and entry["exchange"].get("took") is not None
+                for entry in clusters)
+    seconds = refinement.get("wall_time_s")
+    duration = f" in {_duration(seconds)}" if _is_number(seconds) else ""
+    text = (f"Mask refinement then scored candidate masks by their measured calibration loss{duration} and changed "
+            f"{changed} of {len(mask_bank)} masks")
+    if taken:
+        text += f" ({taken} taken from another cluster's refined mask)"
     return text + "."
 
 

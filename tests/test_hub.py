@@ -586,6 +586,22 @@ def test_card_prefers_run_record_sparsity(light_dir):
     assert rows[3][1] == f"{100 * (0.25 * 70 + 0.25 * 60 + 0.375 * 62) / 192:.1f}%"
 
 
+def test_card_summarises_refinement(light_dir):
+    # Cluster 2 took another cluster's mask in refinement, and clusters 0 and 1 kept theirs.
+    record = json.loads((light_dir / "igp_run.json").read_text())
+    initial = [list(mask) for mask in record["masks"]["mask_bank"]]
+    initial[2] = initial[0]
+    exchange = {"examples": 64, "own_loss": 3.2, "candidates": [{"cluster": 1, "loss": 3.1}], "took": 1}
+    record["refinement"] = {"initial_mask_bank": initial, "wall_time_s": 125.0,
+                            "clusters": [{"exchange": None}, {"exchange": None}, {"exchange": exchange}]}
+    (light_dir / "igp_run.json").write_text(json.dumps(record))
+
+    text = render_card(light_dir).text
+
+    assert ("calibration loss in 2.1 min and changed 1 of 3 masks (1 taken from another cluster's refined mask)."
+            in text)
+
+
 def test_card_without_run_record(light_dir):
     for name in ("igp_run.json", "mask_bank.png", "training_curves.png"):
         (light_dir / name).unlink()
