@@ -567,14 +567,14 @@ def _refinement_summary(refinement, mask_bank) -> str | None:
         return None
     changed = sum(old != list(new) for old, new in zip(refinement["initial_mask_bank"], mask_bank))
     clusters = [entry for entry in refinement.get("clusters", []) if isinstance(entry, dict)]
-    taken = sum(isinstance(entry.get("exchange"), dict) and entry["exchange"].get("took") is not None
-                for entry in clusters)
+    exchanged = sum(isinstance(entry.get("exchange"), dict) and entry["exchange"].get("took") is not None
+                    for entry in clusters)
     seconds = refinement.get("wall_time_s")
     duration = f" in {_duration(seconds)}" if _is_number(seconds) else ""
     text = (f"Mask refinement then scored candidate masks by their measured calibration loss{duration} and changed "
             f"{changed} of {len(mask_bank)} masks")
-    if taken:
-        text += f" ({taken} taken from another cluster's refined mask)"
+    if exchanged:
+        text += f" ({exchanged} taken from another cluster's refined mask)"
     return text + "."
 
 

@@ -182,9 +182,9 @@ def test_clusters_exchange_refined_masks(base, dataset):
 
     # A threshold just above cluster 0's gain keeps its own mask.
     gain = 1 - loss[0, y] / loss[0, x]
-    kept = refine_masks(base, dataset, [start, start], scores, replace(config, min_improvement=gain * 1.01))
-    assert kept.mask_bank[0] == list(x)
-    assert kept.clusters[0]["exchange"]["took"] is None
+    unchanged = refine_masks(base, dataset, [start, start], scores, replace(config, min_improvement=gain * 1.01))
+    assert unchanged.mask_bank[0] == list(x)
+    assert unchanged.clusters[0]["exchange"]["took"] is None
 
 
 def test_exchange_keeps_skipped_parameters(base, dataset):
@@ -349,8 +349,8 @@ def test_refine_command_lowers_each_cluster_loss(pruned_dir, base, tokenizer, tm
 
 
 def test_refine_command_restarts_from_learned_masks(pruned_dir, tmp_path):
-    # The folder is refined twice, the second time from the refined masks, so its latest record starts from refined
-    # masks. --from-learned starts again from the masks mask learning gave and so repeats the first refinement.
+    # The second refinement starts from refined masks, so only a walk back to the first record finds the masks that
+    # mask learning gave. Starting again from them repeats the first refinement.
     options = ["--examples", "100", "--window", "2", "--min-improvement", "0"]
     learned = json.loads((pruned_dir / "config.json").read_text())["mask_bank"]
 
@@ -367,7 +367,7 @@ def test_refine_command_restarts_from_learned_masks(pruned_dir, tmp_path):
     assert again["masks"]["mask_bank"] == once["masks"]["mask_bank"]
 
 
-def test_refine_command_from_learned_needs_a_refinement(pruned_dir, tmp_path, capsys):
+def test_from_learned_needs_a_refinement(pruned_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         refine_command(pruned_dir, tmp_path / "out", "--from-learned")
 

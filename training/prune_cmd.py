@@ -325,10 +325,11 @@ def format_summary(record: dict, output_dir) -> str:
         changed = sum(old != new for old, new in zip(refinement["initial_mask_bank"], masks["mask_bank"]))
         losses = ", ".join(f"{entry['initial_loss']:.3f} -> {entry['final_loss']:.3f}"
                            for entry in refinement["clusters"] if entry["initial_loss"] is not None)
-        taken = sum(bool(entry.get("exchange")) and entry["exchange"]["took"] is not None
-                    for entry in refinement["clusters"])
+        from .refine import count_exchanges
+
+        exchanged = count_exchanges(refinement["clusters"])
         lines.append(f"  refinement changed {changed} of {len(masks['mask_bank'])} masks; calibration loss per "
-                     f"cluster in its search: {losses}; {taken} clusters then took another cluster's mask")
+                     f"cluster in its search: {losses}; {exchanged} clusters then took another cluster's mask")
     timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in record["timings_s"].items())
     lines.append(f"  time: {timings}")
     return "\n".join(lines)

@@ -48,9 +48,9 @@ class MaskRefinementConfig:
 
     exchange_examples: int = 64
     """Calibration examples per cluster on which it scores the other clusters' refined masks, drawn in the same seeded
-    order as the search sample, so they include it (a value below `max_examples` counts as `max_examples`). Two refined
-    masks often differ in two blocks and in their loss by less than a percent, a gap that a sample of 16 texts does
-    not resolve."""
+    order as the search sample, so they include it (a value below `max_examples` counts as `max_examples`). Refined
+    masks that differ in two blocks can differ in loss by less than a percent, and on SmolLM2 a 16-text sample ranked
+    two such masks the other way round from the cluster's full 26 texts."""
 
     global_examples: int = 0
     """Examples of all clusters for a global search, or 0 for none. With more than one cluster and a value above 0,
@@ -159,6 +159,7 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
                     global_record["initial_loss"], global_record["final_loss"], len(global_record["swaps"]))
 
     refined, records, exchange_samples = bank.clone(), [], {}
+    exchange = config.use_bank and num_clusters > 1
     for cluster in range(num_clusters):
         members = (cluster_column == cluster).nonzero().flatten()
         if members.numel() == 0:
@@ -175,47 +176,69 @@ def refine_masks(model, dataset, mask_bank, gate_scores, config: MaskRefinementC
         record = search.run(batches, bank[cluster].clone(), scores[cluster], {**others, **offered}, cluster,
                             desc=f"refine cluster {cluster}")
         refined[cluster] = torch.tensor(record.pop("mask"), dtype=torch.bool)
-        records.append(record)
-        exchange_sample = order[:max(config.exchange_examples, config.max_examples)]
-        exchange_samples[cluster] = (batches, batches if exchange_sample == sample else
-                                     _length_sorted_batches([dataset[index] for index in exchange_sample],
-                                                            config.batch_size))
+        records.append({**record, "exchange": None})
+        if exchange:
+            exchange_sample = order[:max(config.exchange_examples, config.max_examples)]
+            exchange_batches = batches
+            if exchange_sample != sample:
+                exchange_batches = _length_sorted_batches([dataset[index] for index in exchange_sample],
+                                                          config.batch_size)
+            exchange_samples[cluster] = (batches, exchange_batches)
         logger.info("Refined cluster %d on %d examples: loss %.4f -> %.4f (start from mask %s, %d swaps)", cluster,
                     len(sample), record["initial_loss"], record["final_loss"], record["start"], len(record["swaps"]))
 
-    # A swap that one cluster's search found can suit another cluster whose window did not reach it. Every cluster
-    # is therefore offered the masks the others ended their searches with, so the order of the clusters does not
-    # matter.
-    searched, exchange_start = refined.clone(), time.perf_counter()
-    for cluster, (batches, exchange_batches) in tqdm(exchange_samples.items(), desc="exchange", leave=False):
-        records[cluster]["exchange"] = None
-        others = {index: searched[index] for index in _distinct_others(searched, cluster)} if config.use_bank else {}
-        losses = search.score(exchange_batches, searched[cluster], others)
-        if not losses:
-            continue
-        own_loss = (records[cluster]["final_loss"] if exchange_batches is batches
-                    else search.loss(exchange_batches, searched[cluster])[0])
-        took = min(losses, key=losses.get)
-        if losses[took] >= own_loss * (1 - config.min_improvement):
-            took = None
-        records[cluster]["exchange"] = {
-            "examples": _num_examples(exchange_batches), "own_loss": own_loss,
-            "candidates": [{"cluster": index, "loss": loss} for index, loss in losses.items()], "took": took,
-        }
-        if took is not None:
-            refined[cluster] = searched[took]
-            logger.info("Cluster %d takes the refined mask of cluster %d: loss %.4f -> %.4f on %d examples", cluster,
-                        took, own_loss, losses[took], _num_examples(exchange_batches))
-    if config.use_bank and num_clusters > 1:
-        taken = sum(record["exchange"] is not None and record["exchange"]["took"] is not None for record in records)
-        logger.info("Exchange of refined masks: %d of %d clusters took another cluster's mask in %.1f s", taken,
-                    num_clusters, time.perf_counter() - exchange_start)
+    if exchange:
+        exchange_start = time.perf_counter()
+        refined = _exchange_masks(search, refined, records, exchange_samples, config.min_improvement)
+        logger.info("Exchange of refined masks: %d of %d clusters took another cluster's mask in %.1f s",
+                    count_exchanges(records), num_clusters, time.perf_counter() - exchange_start)
 
     return MaskRefinementResult(
         mask_bank=refined.int().tolist(), clusters=records, candidates_scored=search.scored,
         wall_time_s=time.perf_counter() - start, config=asdict(config), global_mask=global_mask,
         global_record=global_record,
     )
+
+
+def _exchange_masks(search, searched: torch.BoolTensor, records: list[dict], samples: dict,
+                    min_improvement: float) -> torch.BoolTensor:
+    """
+    Return the bank after each cluster has scored the masks the other clusters ended their searches with, and taken
+    the best one where it lowers the loss by `min_improvement`. Fills each scored cluster's `exchange` record.
+
+    A swap that one cluster's search found can suit another cluster whose window did not reach it. Every cluster
+    scores against `searched`, the bank as the searches left it, so the order of the clusters does not matter.
+    """
+    exchanged = searched.clone()
+    for cluster, (batches, exchange_batches) in tqdm(samples.items(), desc="exchange", leave=False):
+        others = {index: searched[index] for index in _distinct_others(searched, cluster)}
+        losses = search.score(exchange_batches, searched[cluster], others)
+        if not losses:
+            continue
+
+        # The search already measured its own mask on the search sample, so that pass is not repeated.
+        if exchange_batches is batches:
+            own_loss = records[cluster]["final_loss"]
+        else:
+            own_loss = search.loss(exchange_batches, searched[cluster])[0]
+        took = min(losses, key=losses.get)
+        if losses[took] >= own_loss * (1 - min_improvement):
+            took = None
+
+        records[cluster]["exchange"] = {
+            "examples": _num_examples(exchange_batches), "own_loss": own_loss,
+            "candidates": [{"cluster": index, "loss": loss} for index, loss in losses.items()], "took": took,
+        }
+        if took is not None:
+            exchanged[cluster] = searched[took]
+            logger.info("Cluster %d takes the refined mask of cluster %d: loss %.4f -> %.4f on %d examples", cluster,
+                        took, own_loss, losses[took], _num_examples(exchange_batches))
+    return exchanged
+
+
+def count_exchanges(cluster_records: list[dict]) -> int:
+    """Return how many clusters took another cluster's refined mask, from `MaskRefinementResult.clusters`."""
+    return sum(bool(record.get("exchange")) and record["exchange"]["took"] is not None for record in cluster_records)
 
 
 class _LocalSearch:
@@ -365,4 +388,4 @@ def _mean_loss(igp_model, batches: list[dict], keep: torch.BoolTensor, prefix: l
                          "longer calibration texts.")
     return total / count, states
 
-__all__ = ["MaskRefinementConfig", "MaskRefinementResult", "refine_masks"]
+__all__ = ["MaskRefinementConfig", "MaskRefinementResult", "count_exchanges", "refine_masks"]

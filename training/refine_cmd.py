@@ -90,14 +90,14 @@ def run(args) -> int:
                                   global_examples=args.global_examples,
                                   sparsity_unit=settings.get("sparsity_unit", "blocks"),
                                   context_length=settings.get("context_length", 2048))
-    start_bank = learned_mask_bank(record, record_path) if args.from_learned else None
+    start_bank = unrefined_mask_bank(record, record_path) if args.from_learned else None
     refine_saved_model(source, output, config, record, spec, base=args.base,
                        max_length=args.seq_length or settings.get("max_length") or 128, argv=["igp", *sys.argv[1:]],
                        start_bank=start_bank)
     return 0
 
 
-def learned_mask_bank(record: dict, record_path: Path) -> list[list[int]]:
+def unrefined_mask_bank(record: dict, record_path: Path) -> list[list[int]]:
     """Return the masks the folder had before its first refinement, as its run record keeps them."""
     if not record_path.is_file():
         raise UsageError(f"{record_path} is missing, so the masks before refinement are unknown; drop --from-learned "
