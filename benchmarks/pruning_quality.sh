@@ -6,7 +6,7 @@
 #   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"), and the N = 8 recipe ("lx")
 #   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
 #   bash benchmarks/pruning_quality.sh speed       # speed and memory of every built model, in one run
-#   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots
+#   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots (PAIRED=DIR: paired differences)
 #
 # Sparsities 0.125 and 0.25 are rounded to whole layers so that ShortGPT can match them: every method skips 8 or
 # 16 of the 60 blocks (13.3% or 26.7%). All methods calibrate on the same texts (CALIBRATION, seed 0).
@@ -81,7 +81,7 @@ case "${1:-}" in
     learned) build_learned ;;
     refine) refine_learned ;;
     eval)
-        $IGP eval --model $(models) --tasks all --limit "$LIMIT" --ppl all --ppl-max-tokens "$PPL_TOKENS" \
+        $IGP eval --model $(models) --tasks all --limit "$LIMIT" --log-samples --ppl all --ppl-max-tokens "$PPL_TOKENS" \
             --calibration "$CALIBRATION" --data-dir "$DATA" --output-dir "$OUT/eval" ;;
     speed)
         # The plain transformers SmolLM2 runs too, to show what the block loop costs when nothing is skipped.
@@ -89,6 +89,7 @@ case "${1:-}" in
         $IGP eval --model $(models) "$plain" --tasks none --ppl none --speed --data-dir "$DATA" \
             --output-dir "$OUT/eval" ;;
     compare)
-        $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ;;
+        # PAIRED=DIR adds each model's paired differences from that one (for example a static L0 folder).
+        $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ${PAIRED:+--paired "$PAIRED"} ;;
     *) echo "usage: $0 baselines|learned|refine|eval|speed|compare" >&2; exit 2 ;;
 esac

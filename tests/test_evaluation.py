@@ -133,6 +133,100 @@ def test_perplexity_max_tokens_caps_scored_tokens(dense, tokenizer, data_dir):
     assert 100 - 2 * math.ceil(100 / 32) <= result.num_tokens <= 100 - math.ceil(100 / 32)
 
 
+def test_perplexity_keeps_each_text_nll(base, tokenizer, router, data_dir):
+    # Two clusters, windows batched across texts and a token cap that cuts the last text: each text's sum must still
+    # be its own windows' loss under its own cluster's mask.
+    texts = _gsm8k_texts(data_dir, 3) + heldout_texts("github", data_dir)[:2]
+    centroids = router.embed([texts[0], texts[3]])
+    bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
+    model = IGPruningForCausalLM.from_base(base, bank, centroids=centroids, router=router, tokenizer=tokenizer)
+    clusters = router.route(texts, centroids).tolist()
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    # No text before the last ends in a one-token window (which is not scored and not counted against the cap).
+    assert all(length % 40 != 1 for length in lengths[:4])
+    max_tokens = sum(lengths[:4]) + 50
+    result = perplexity(model, tokenizer, texts, window=40, batch_size=3, max_tokens=max_tokens)
+
+    assert result.num_texts == 5
+    assert result.text_num_tokens[-1] < lengths[-1] - 1
+    for index, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: lengths[index] if index < 4 else 50]
+        nll, tokens = 0.0, 0
+        for start in range(0, len(ids), 40):
+            chunk = torch.tensor([ids[start : start + 40]])
+            if chunk.shape[1] < 2:
+                continue
+            with torch.no_grad(), identity_blocks(base, bank[clusters[index]]):
+                nll += float(base(chunk, labels=chunk).loss) * (chunk.shape[1] - 1)
+            tokens += chunk.shape[1] - 1
+        assert result.text_num_tokens[index] == tokens
+        assert result.text_nll_sums[index] == pytest.approx(nll, rel=1e-5)
+    assert sum(result.text_nll_sums) == pytest.approx(result.nll_sum)
+
+
+# -- paired comparison ------------------------------------------------------------------------------------------------
+
+
+def _perplexity_entry(nll, tokens, digest="texts"):
+    return {"text_nll_sums": nll, "text_num_tokens": tokens, "texts_sha256": digest}
+
+
+def test_paired_perplexity_of_a_model_with_itself_is_one():
+    entry = _perplexity_entry([30.0, 52.5, 7.25], [10, 20, 3])
+    paired = evaluation.paired_perplexity(entry, entry)
+
+    assert paired["ratio"] == 1.0
+    assert paired["log_ratio_stderr"] == 0.0
+    assert paired["texts_lower"] == 0
+
+
+def test_paired_perplexity_standard_error_matches_jackknife():
+    # The linearised standard error and the delete-one jackknife over texts estimate the same quantity; on 300
+    # texts of uneven length they agree within a few percent.
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, 400, (300,), generator=generator).tolist()
+    reference = [3.0 * count + float(torch.randn(1, generator=generator)) * count ** 0.5 for count in tokens]
+    model = [nll + count * (0.05 + 0.1 * float(torch.randn(1, generator=generator))) for nll, count in
+             zip(reference, tokens)]
+    paired = evaluation.paired_perplexity(_perplexity_entry(model, tokens), _perplexity_entry(reference, tokens))
+
+    def log_ratio(keep):
+        return (sum(model[i] for i in keep) - sum(reference[i] for i in keep)) / sum(tokens[i] for i in keep)
+
+    everything = range(len(tokens))
+    assert paired["log_ratio"] == pytest.approx(log_ratio(everything))
+    leave_one_out = [log_ratio([j for j in everything if j != i]) for i in everything]
+    mean = sum(leave_one_out) / len(tokens)
+    jackknife = math.sqrt((len(tokens) - 1) / len(tokens) * sum((value - mean) ** 2 for value in leave_one_out))
+    assert paired["log_ratio_stderr"] == pytest.approx(jackknife, rel=0.05)
+    assert paired["ratio"] == pytest.approx(math.exp(log_ratio(everything)))
+
+
+def test_paired_perplexity_rejects_different_texts():
+    with pytest.raises(ValueError, match="same held-out texts"):
+        evaluation.paired_perplexity(_perplexity_entry([1.0], [5], "a"), _perplexity_entry([1.0], [5], "b"))
+    assert evaluation.paired_perplexity({"perplexity": 3.0}, _perplexity_entry([1.0], [5])) is None
+
+
+def test_paired_zero_shot_on_shared_documents():
+    def entry(values):
+        return {"samples": [{"doc_id": doc, "metrics": {"acc": value}} for doc, value in values.items()]}
+
+    model = entry({0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0, 7: 1.0})
+    reference = entry({0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0, 9: 0.0})
+    paired = evaluation.paired_zero_shot(model, reference, "acc")
+
+    # Documents 0 to 3 are shared; differences 1, 0, 0, 1.
+    assert paired["num_docs"] == 4
+    assert paired["difference"] == 0.5
+    assert paired["stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert (paired["docs_better"], paired["docs_worse"]) == (2, 0)
+    assert evaluation.paired_zero_shot(model, entry({}), "acc") is None
+    mean = evaluation.mean_difference([paired, dict(paired, difference=-0.5)])
+    assert mean["difference"] == 0.0
+    assert mean["stderr"] == pytest.approx(paired["stderr"] / math.sqrt(2))
+
+
 def test_heldout_texts_skip_calibration_records(data_dir):
     tail = heldout_texts("c4", data_dir, num_records=5)
     shifted = heldout_texts("c4", data_dir, exclude={tail[-1]}, num_records=5)
@@ -311,6 +405,59 @@ def test_eval_and_compare_commands(saved_models, data_dir, tmp_path, capsys, mon
     assert content["mismatched_perplexity_texts"] == []
     for name in ("compare.md", "accuracy_vs_sparsity.png", "perplexity.png", "masks.png"):
         assert (tmp_path / "compare" / name).stat().st_size > 0
+
+
+def test_eval_log_samples_and_paired_compare(saved_models, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["igp", "eval"])
+    models = [str(saved_models["dense"]), str(saved_models["skip"])]
+    arguments = ["eval", "--model", *models, "--tasks", "piqa,boolq", "--limit", "6", "--ppl", "gsm8k",
+                 "--ppl-max-tokens", "300", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "eval")]
+    cli.main(arguments)
+    without = json.loads((tmp_path / "eval" / f"{saved_models['skip'].name}.json").read_text())
+    assert "samples" not in without["zero_shot"]["piqa"]
+
+    # Asking for samples recomputes the tasks that lack them; the per-document values average to lm-eval's figure.
+    cli.main(arguments + ["--log-samples"])
+    results = {name: json.loads((tmp_path / "eval" / f"{folder.name}.json").read_text())
+               for name, folder in saved_models.items()}
+    for result in results.values():
+        for task, metric in (("piqa", "acc_norm"), ("boolq", "acc")):
+            samples = result["zero_shot"][task]["samples"]
+            assert [sample["doc_id"] for sample in samples] == sorted(result["zero_shot"][task]["doc_ids"])
+            assert sum(sample["metrics"][metric] for sample in samples) / 6 == pytest.approx(
+                result["zero_shot"][task][metric])
+
+    status = cli.main(["compare", *models, "--eval-dir", str(tmp_path / "eval"), "--output-dir",
+                       str(tmp_path / "compare"), "--paired", models[0]])
+    output = capsys.readouterr().out
+    paired = json.loads((tmp_path / "compare" / "compare.json").read_text())["paired"]
+
+    assert status == 0
+    assert f"Against {saved_models['dense'].name}" in output
+    assert list(paired) == [saved_models["skip"].name]
+    dense, skip = results["dense"], results["skip"]
+    assert paired[saved_models["skip"].name]["perplexity"]["gsm8k"]["ratio"] == pytest.approx(
+        skip["perplexity"]["gsm8k"]["perplexity"] / dense["perplexity"]["gsm8k"]["perplexity"], rel=1e-9)
+    assert paired[saved_models["skip"].name]["zero_shot"]["piqa"]["difference"] == pytest.approx(
+        skip["zero_shot"]["piqa"]["acc_norm"] - dense["zero_shot"]["piqa"]["acc_norm"])
+    # Two of the eight tasks: no mean difference, as no mean accuracy either.
+    assert paired[saved_models["skip"].name]["zero_shot_mean"] is None
+
+
+def test_eval_command_rescores_changed_heldout_text(saved_models, data_dir, tmp_path):
+    model = str(saved_models["skip"])
+    arguments = ["eval", "--model", model, "--tasks", "none", "--ppl", "gsm8k", "--ppl-max-tokens", "200",
+                 "--data-dir", str(data_dir), "--output-dir", str(tmp_path)]
+    cli.main(arguments)
+    first = json.loads((tmp_path / f"{saved_models['skip'].name}.json").read_text())["perplexity"]["gsm8k"]
+
+    # Excluding the first held-out GSM8K question as if a calibration had drawn it changes the texts scored.
+    (tmp_path / "calibration.jsonl").write_text(json.dumps({"text": heldout_texts("gsm8k", data_dir)[0]}) + "\n")
+    cli.main(arguments + ["--calibration", str(tmp_path / "calibration.jsonl")])
+    second = json.loads((tmp_path / f"{saved_models['skip'].name}.json").read_text())["perplexity"]["gsm8k"]
+
+    assert second["texts_sha256"] != first["texts_sha256"]
+    assert second["settings"]["heldout_sha256"] != first["settings"]["heldout_sha256"]
 
 
 def test_eval_command_rejects_unknown_task(saved_models, capsys):

@@ -44,23 +44,32 @@ def register(subparsers) -> None:
     parser.add_argument("--output-dir", default="igp-compare", help="folder for compare.json, compare.md and plots")
     parser.add_argument("--reference", default=None, metavar="DIR",
                         help="model whose speed the others are divided by (default: the first dense model)")
+    parser.add_argument("--paired", default=None, metavar="DIR",
+                        help="also compare every model with this one text by text and document by document: "
+                             "perplexity ratio and zero-shot accuracy difference with paired standard errors (needs "
+                             "results of the same `igp eval` texts; zero-shot needs `igp eval --log-samples`)")
     parser.set_defaults(func=run)
 
 
 # -- reading -------------------------------------------------------------------------------------------------------
 
 
-def describe_model(model_dir: Path, eval_dir: Path | None) -> dict:
-    """Collect one model's method, sparsity, masks and evaluation into a flat row."""
+def load_evaluation(model_dir: Path, eval_dir: Path | None) -> dict:
+    """Read the `igp eval` result of one model folder."""
     from .eval_cmd import EVAL_FILE, result_path
 
-    config = json.loads((model_dir / "config.json").read_text())
-    record_path = model_dir / "igp_run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     evaluation_path = result_path(model_dir, eval_dir) if eval_dir else model_dir / EVAL_FILE
     if not evaluation_path.is_file():
         raise UsageError(f"No evaluation for {model_dir}: {evaluation_path} is missing. Run `igp eval --model {model_dir}`.")
-    evaluation = json.loads(evaluation_path.read_text())
+    return json.loads(evaluation_path.read_text())
+
+
+def describe_model(model_dir: Path, eval_dir: Path | None) -> dict:
+    """Collect one model's method, sparsity, masks and evaluation into a flat row."""
+    config = json.loads((model_dir / "config.json").read_text())
+    record_path = model_dir / "igp_run.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    evaluation = load_evaluation(model_dir, eval_dir)
 
     mask_bank = config.get("mask_bank") or [[1] * (2 * config.get("text_config", config)["num_hidden_layers"])]
     num_blocks = len(mask_bank[0])
@@ -137,6 +146,59 @@ def group_rows(rows: list[dict]) -> list[dict]:
         summary["mean_accuracy_sd"] = statistics.stdev(means) if len(means) > 1 else None
         summaries.append(summary)
     return summaries
+
+
+# -- paired comparison -----------------------------------------------------------------------------------------------
+
+
+def paired_against(model_dirs: list[Path], reference_dir: Path, eval_dir: Path | None) -> dict:
+    """Return each model's perplexity ratio per domain and accuracy difference per task against `reference_dir`."""
+    from .evaluation import mean_difference, paired_perplexity, paired_zero_shot
+
+    reference = load_evaluation(reference_dir, eval_dir)
+    paired = {}
+    for model_dir in model_dirs:
+        if model_dir.resolve() == reference_dir.resolve():
+            continue
+        evaluation = load_evaluation(model_dir, eval_dir)
+        perplexity = {}
+        for domain, entry in evaluation.get("perplexity", {}).items():
+            if domain in reference.get("perplexity", {}):
+                try:
+                    perplexity[domain] = paired_perplexity(entry, reference["perplexity"][domain])
+                except ValueError as error:
+                    raise UsageError(f"{model_dir.name} against {reference_dir.name} on {domain}: {error}") from error
+        zero_shot = {}
+        for task, entry in evaluation.get("zero_shot", {}).items():
+            if task in reference.get("zero_shot", {}):
+                zero_shot[task] = paired_zero_shot(entry, reference["zero_shot"][task], MAIN_METRIC[task])
+        tasks = [item for item in zero_shot.values() if item is not None]
+        paired[model_dir.name] = {
+            "perplexity": perplexity,
+            "zero_shot": zero_shot,
+            # The mean only over all eight tasks, like the table's mean accuracy.
+            "zero_shot_mean": mean_difference(tasks) if len(tasks) == len(MAIN_METRIC) else None,
+        }
+    return paired
+
+
+def paired_table(paired: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the paired table: ratio (percent change, ± one standard error) per domain, then accuracy."""
+    domains = sorted({domain for item in paired.values() for domain in item["perplexity"]})
+    header = ["model"] + [f"ppl {domain}" for domain in domains] + ["mean acc diff"]
+    cells = []
+    for name, item in paired.items():
+        line = [name]
+        for domain in domains:
+            entry = item["perplexity"].get(domain)
+            if entry is None or entry["log_ratio_stderr"] is None:
+                line.append("-")
+            else:
+                line.append(f"{entry['ratio'] - 1:+.1%} ± {entry['log_ratio_stderr']:.1%}")
+        mean = item["zero_shot_mean"]
+        line.append("-" if mean is None else f"{100 * mean['difference']:+.1f} ± {100 * mean['stderr']:.1f}")
+        cells.append(line)
+    return header, cells
 
 
 # -- table -----------------------------------------------------------------------------------------------------------
@@ -310,10 +372,11 @@ def plot_masks(rows: list[dict], path: Path) -> Path:
 
 
 def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str | Path | None = None,
-            reference: str | Path | None = None) -> dict:
+            reference: str | Path | None = None, paired: str | Path | None = None) -> dict:
     """Write compare.json, compare.md and the plots that have data for the evaluated models.
 
-    Returns the JSON content, with the names of the written files under `files`."""
+    With `paired`, compare.json gains `paired` (every model against that one, see `paired_against`) and compare.md
+    a second table. Returns the JSON content, with the names of the written files under `files`."""
     rows = [describe_model(Path(model_dir), Path(eval_dir) if eval_dir else None) for model_dir in model_dirs]
     groups = group_rows(rows)
     if reference is not None:
@@ -339,8 +402,20 @@ def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str 
         "main_metric": MAIN_METRIC,
         "mismatched_perplexity_texts": mismatched,
     }
+    markdown = format_markdown_table(header, cells) + "\n"
+    if paired is not None:
+        if not any(Path(row["path"]).resolve() == Path(paired).resolve() for row in rows):
+            raise UsageError(f"--paired {paired} is not one of the compared models.")
+        content["paired_reference"] = Path(paired).name
+        content["paired"] = paired_against([Path(model_dir) for model_dir in model_dirs], Path(paired),
+                                           Path(eval_dir) if eval_dir else None)
+        paired_header, paired_cells = paired_table(content["paired"])
+        content["paired_table"] = format_text_table(paired_header, paired_cells)
+        markdown += (f"\nAgainst {content['paired_reference']}, on the same texts and documents: perplexity change "
+                     "and mean accuracy difference (points), each ± one paired standard error.\n\n"
+                     + format_markdown_table(paired_header, paired_cells) + "\n")
     (output_dir / "compare.json").write_text(json.dumps(content, indent=2) + "\n")
-    (output_dir / "compare.md").write_text(format_markdown_table(header, cells) + "\n")
+    (output_dir / "compare.md").write_text(markdown)
 
     # A plot without data would be an empty frame, so it is left out with a log line. An earlier comparison's plot
     # of the same name is removed too, because it would not match this compare.json.
@@ -365,7 +440,11 @@ def run(args) -> int:
     for model_dir in args.models:
         if not (Path(model_dir) / "config.json").is_file():
             raise UsageError(f"No saved model in {model_dir} (config.json is missing).")
-    content = compare(args.models, args.output_dir, eval_dir=args.eval_dir, reference=args.reference)
+    content = compare(args.models, args.output_dir, eval_dir=args.eval_dir, reference=args.reference,
+                      paired=args.paired)
     print(content["table"])
+    if "paired_table" in content:
+        print(f"\nAgainst {content['paired_reference']} (paired, ± one standard error):")
+        print(content["paired_table"])
     print(f"\nWrote {', '.join(content['files'])} to {args.output_dir}")
     return 0

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="documents per zero-shot task: a fixed random subset of this size (default: all)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the zero-shot subsets")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="keep each zero-shot document's log-likelihoods and metric values, so that models scored "
+                             "on the same documents can be compared document by document (igp compare --paired)")
     parser.add_argument("--batch-size", type=int, default=16, help="requests (or perplexity windows) per forward pass")
     parser.add_argument("--ppl-max-tokens", type=int, default=None,
                         help="tokens scored per perplexity domain, texts taken in file order (default: all held-out)")
@@ -178,12 +181,15 @@ def _evaluate_quality(model_dir, path, tasks, domains, exclude, data_dir, args, 
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": args.device,
                          "python": platform.python_version()}
     result["command"] = sys.argv
-    ppl_settings = {"window": args.ppl_window, "max_tokens": args.ppl_max_tokens}
+    # A result is reused only if it scored the same held-out texts, so a changed data folder or calibration is seen.
     todo_domains = [domain for domain in domains if args.overwrite or
-                    result["perplexity"].get(domain, {}).get("settings") != ppl_settings]
+                    result["perplexity"].get(domain, {}).get("settings") != evaluation.perplexity_settings(
+                        evaluation.heldout_texts(domain, data_dir, exclude=exclude), args.ppl_window,
+                        args.ppl_max_tokens)]
     zero_shot_settings = {"limit": args.limit, "seed": args.seed}
     todo_tasks = [task for task in tasks if args.overwrite or
-                  result["zero_shot"].get(task, {}).get("settings") != zero_shot_settings]
+                  result["zero_shot"].get(task, {}).get("settings") != zero_shot_settings or
+                  (args.log_samples and "samples" not in result["zero_shot"][task])]
     if not todo_domains and not todo_tasks:
         logger.info("%s: every requested result is already in %s", model_dir, path)
         return
@@ -204,7 +210,7 @@ def _evaluate_quality(model_dir, path, tasks, domains, exclude, data_dir, args, 
         # Each task is written as soon as it finishes, so an interrupted run keeps the finished ones.
         for task in todo_tasks:
             config = evaluation.ZeroShotConfig(tasks=(task,), limit=args.limit, seed=args.seed,
-                                               batch_size=args.batch_size)
+                                               batch_size=args.batch_size, log_samples=args.log_samples)
             scores = evaluation.evaluate_zero_shot(lm, config, data_dir)[task]
             scores["settings"] = zero_shot_settings
             result["zero_shot"][task] = scores

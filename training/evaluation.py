@@ -17,7 +17,7 @@ import os
 import statistics
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,8 +85,10 @@ PERPLEXITY_DOMAINS = {
     "github": "redpajama_sample/sample_github1.jsonl",
 }
 
-# Number of records from the end of each RedPajama sample kept for evaluation.
-REDPAJAMA_HELDOUT_RECORDS = {"c4": 100, "stackexchange": 100, "github": 10}
+# Number of records from the end of each RedPajama sample kept for evaluation. The GitHub sample has only 100 records,
+# and calibration draws from all of them. Its held-out part is the last 50 that calibration did not draw, so that it
+# fills the 8,192-token budget like the other domains; 10 texts gave 2,849 tokens.
+REDPAJAMA_HELDOUT_RECORDS = {"c4": 100, "stackexchange": 100, "github": 50}
 
 
 def wikitext_articles(path: Path) -> list[str]:
@@ -166,6 +168,11 @@ class PerplexityResult:
     num_texts: int
     clusters: dict
     """Number of texts routed to each cluster."""
+    text_nll_sums: list = field(default_factory=list)
+    """NLL sum of each scored text, in the order the texts were taken, so that two models scored on the same texts
+    can be compared text by text (`paired_perplexity`)."""
+    text_num_tokens: list = field(default_factory=list)
+    """Scored tokens of each text, in the same order."""
 
     def to_dict(self) -> dict:
         return {
@@ -174,6 +181,8 @@ class PerplexityResult:
             "num_tokens": self.num_tokens,
             "num_texts": self.num_texts,
             "clusters": self.clusters,
+            "text_nll_sums": self.text_nll_sums,
+            "text_num_tokens": self.text_num_tokens,
         }
 
 
@@ -193,8 +202,9 @@ def text_windows(token_ids: list[int], window: int, max_tokens: int | None) -> l
 
 
 @torch.no_grad()
-def window_nll(model, windows: list[list[int]], cluster_ids: list[int], pad_token_id: int) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods over right-padded windows, and the number of scored tokens."""
+def window_nll(model, windows: list[list[int]], cluster_ids: list[int],
+               pad_token_id: int) -> tuple[list[float], list[int]]:
+    """Sum of next-token negative log-likelihoods of each right-padded window, and its number of scored tokens."""
     device = model.device
     length = max(len(window) for window in windows)
     input_ids = torch.full((len(windows), length), pad_token_id, dtype=torch.long)
@@ -213,8 +223,9 @@ def window_nll(model, windows: list[list[int]], cluster_ids: list[int], pad_toke
     log_probs = F.log_softmax(logits[:, :-1], dim=-1)
     targets = input_ids[:, 1:]
     token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    scored = attention_mask[:, 1:].bool()
-    return float(token_nll[scored].double().sum()), int(scored.sum())
+    scored = attention_mask[:, 1:]
+    row_nll = (token_nll.double() * scored).sum(dim=1)
+    return row_nll.tolist(), scored.sum(dim=1).tolist()
 
 
 def perplexity(model, tokenizer, texts: list[str], domain: str = "text", window: int = 512, batch_size: int = 8,
@@ -233,16 +244,16 @@ def perplexity(model, tokenizer, texts: list[str], domain: str = "text", window:
     clusters = route_texts(model, texts)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # (cluster, window) pairs, taking texts in order until the token cap.
+    # (cluster, window, text index) triples, taking texts in order until the token cap.
     items, remaining, counts = [], max_tokens, {}
-    for text, cluster in zip(texts, clusters):
+    for index, (text, cluster) in enumerate(zip(texts, clusters)):
         token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if add_bos and tokenizer.bos_token_id is not None:
             token_ids = [tokenizer.bos_token_id] + token_ids
         windows = text_windows(token_ids, window, remaining)
         if not windows:
             continue
-        items.extend((cluster, window_ids) for window_ids in windows)
+        items.extend((cluster, window_ids, index) for window_ids in windows)
         counts[str(cluster)] = counts.get(str(cluster), 0) + 1
         if remaining is not None:
             remaining -= sum(len(window_ids) for window_ids in windows)
@@ -251,15 +262,19 @@ def perplexity(model, tokenizer, texts: list[str], domain: str = "text", window:
 
     # Longest windows first within each cluster, so padding stays small and the first batch needs the most memory.
     items.sort(key=lambda item: (item[0], -len(item[1])))
-    nll_sum, num_tokens = 0.0, 0
+    text_nll, text_tokens = {}, {}
     for start in tqdm(range(0, len(items), batch_size), desc=f"perplexity {domain}", leave=False):
         batch = items[start : start + batch_size]
-        batch_nll, batch_tokens = window_nll(model, [ids for _, ids in batch], [c for c, _ in batch], pad_token_id)
-        nll_sum += batch_nll
-        num_tokens += batch_tokens
+        rows_nll, rows_tokens = window_nll(model, [ids for _, ids, _ in batch], [c for c, _, _ in batch],
+                                           pad_token_id)
+        for (_, _, index), nll, tokens in zip(batch, rows_nll, rows_tokens):
+            text_nll[index] = text_nll.get(index, 0.0) + nll
+            text_tokens[index] = text_tokens.get(index, 0) + tokens
 
-    num_texts = sum(counts.values())
-    return PerplexityResult(domain, math.exp(nll_sum / num_tokens), nll_sum, num_tokens, num_texts, counts)
+    order = sorted(text_nll)
+    nll_sum, num_tokens = sum(text_nll.values()), sum(text_tokens.values())
+    return PerplexityResult(domain, math.exp(nll_sum / num_tokens), nll_sum, num_tokens, len(order), counts,
+                            [text_nll[index] for index in order], [text_tokens[index] for index in order])
 
 
 def parse_domains(domains) -> list[str]:
@@ -305,6 +320,11 @@ def texts_digest(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def perplexity_settings(texts: list[str], window: int, max_tokens: int | None) -> dict:
+    """Return what a perplexity result depends on besides the model: window, token cap and held-out texts."""
+    return {"window": window, "max_tokens": max_tokens, "heldout_sha256": texts_digest(texts)}
+
+
 def evaluate_perplexity(model, tokenizer, domains: list[str], data_dir: str | Path | None = None,
                         exclude: set[str] | None = None, max_tokens: int | None = None, window: int = 512,
                         batch_size: int = 8) -> dict:
@@ -318,7 +338,7 @@ def evaluate_perplexity(model, tokenizer, domains: list[str], data_dir: str | Pa
                             max_tokens=max_tokens)
         entry = result.to_dict()
         entry["texts_sha256"] = texts_digest(texts[: result.num_texts])
-        entry["settings"] = {"window": window, "max_tokens": max_tokens}
+        entry["settings"] = perplexity_settings(texts, window, max_tokens)
         results[domain] = entry
         logger.info("Perplexity %s: %.3f over %d tokens of %d texts in %.1f s", domain, result.perplexity,
                     result.num_tokens, result.num_texts, time.perf_counter() - start)
@@ -494,7 +514,8 @@ class ZeroShotConfig:
     bootstrap_iters: int = 1000
     """Bootstrap resamples for the standard error of non-mean metrics (LAMBADA perplexity)."""
     log_samples: bool = False
-    """Keep each document's per-choice log-likelihoods in the result (`samples`)."""
+    """Keep each document's per-choice log-likelihoods and metric values in the result (`samples`), so that two
+    models scored on the same documents can be compared document by document (`paired_zero_shot`)."""
 
 
 def build_tasks(task_names: list[str], task_dir: Path):
@@ -556,12 +577,88 @@ def evaluate_zero_shot(lm, config: ZeroShotConfig, data_dir: str | Path | None =
             stderr = raw.get(f"{metric}_stderr,none")
             entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         if config.log_samples:
+            # lm-eval adds each document's metric values to its sample. LAMBADA's per-document "perplexity" is the
+            # target's log-likelihood, already kept, so only the accuracies are.
             entry["samples"] = [
-                {"doc_id": sample["doc_id"], "loglikelihoods": [float(resp[0][0]) for resp in sample["resps"]]}
+                {"doc_id": sample["doc_id"], "loglikelihoods": [float(resp[0][0]) for resp in sample["resps"]],
+                 "metrics": {metric: float(sample[metric]) for metric in TASK_METRICS[name]
+                             if metric.startswith("acc")}}
                 for sample in sorted(output["samples"][task_name], key=lambda sample: sample["doc_id"])
             ]
         results[name] = entry
     return results
+
+
+# -- paired comparison -----------------------------------------------------------------------------------------------
+# Two models scored on the same texts and documents differ far less in their paired differences than their separate
+# standard errors suggest, because most of the variance comes from which texts and questions were drawn. These
+# functions give the difference of one model from a reference with the standard error of the paired difference.
+
+
+def paired_perplexity(entry: dict, reference: dict) -> dict | None:
+    """Perplexity of one model relative to a reference, scored on the same held-out texts, with a standard error.
+
+    Both entries are `evaluate_perplexity` results of one domain. The log ratio is the difference of the two
+    token-weighted mean NLLs. Its standard error counts texts, not tokens, as the independent draws (the tokens of
+    one text are correlated), with the linearised variance of a ratio of sums. Returns None when either entry lacks
+    per-text sums (results written before they were kept).
+    """
+    nll, reference_nll = entry.get("text_nll_sums"), reference.get("text_nll_sums")
+    if not nll or not reference_nll:
+        return None
+    tokens = entry["text_num_tokens"]
+    if entry.get("texts_sha256") != reference.get("texts_sha256") or tokens != reference["text_num_tokens"]:
+        raise ValueError("The two perplexity results were not scored on the same held-out texts (different text "
+                         "digests or token counts); evaluate both models in one `igp eval` call.")
+
+    num_texts, total_tokens = len(tokens), sum(tokens)
+    differences = [a - b for a, b in zip(nll, reference_nll)]
+    log_ratio = sum(differences) / total_tokens
+    residuals = [difference - count * log_ratio for difference, count in zip(differences, tokens)]
+    stderr = (math.sqrt(num_texts / (num_texts - 1) * sum(r * r for r in residuals)) / total_tokens
+              if num_texts > 1 else None)
+    return {
+        "ratio": math.exp(log_ratio),
+        "log_ratio": log_ratio,
+        "log_ratio_stderr": stderr,
+        "num_texts": num_texts,
+        "texts_lower": sum(1 for a, b in zip(nll, reference_nll) if a < b),
+    }
+
+
+def paired_zero_shot(entry: dict, reference: dict, metric: str) -> dict | None:
+    """Accuracy difference of one model from a reference on the documents both scored, with its standard error.
+
+    Both entries are `evaluate_zero_shot` task results written with `log_samples`. Returns None when either lacks
+    per-document metric values or they share no document.
+    """
+    def values(task_entry):
+        return {sample["doc_id"]: sample["metrics"][metric] for sample in task_entry.get("samples", [])
+                if metric in sample.get("metrics", {})}
+
+    own, other = values(entry), values(reference)
+    shared = sorted(own.keys() & other.keys())
+    if not shared:
+        return None
+    differences = [own[doc] - other[doc] for doc in shared]
+    return {
+        "difference": statistics.mean(differences),
+        "stderr": statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None,
+        "num_docs": len(shared),
+        "docs_better": sum(1 for difference in differences if difference > 0),
+        "docs_worse": sum(1 for difference in differences if difference < 0),
+    }
+
+
+def mean_difference(paired: list[dict]) -> dict | None:
+    """Mean of per-task `paired_zero_shot` differences, with the standard error of independent tasks."""
+    if not paired or any(item["stderr"] is None for item in paired):
+        return None
+    return {
+        "difference": statistics.mean(item["difference"] for item in paired),
+        "stderr": math.sqrt(sum(item["stderr"] ** 2 for item in paired)) / len(paired),
+        "num_tasks": len(paired),
+    }
 
 
 # -- speed and memory ------------------------------------------------------------------------------------------------
