@@ -171,7 +171,7 @@ def _perplexity_entry(nll, tokens, digest="texts"):
     return {"text_nll_sums": nll, "text_num_tokens": tokens, "texts_sha256": digest}
 
 
-def test_paired_perplexity_of_a_model_with_itself_is_one():
+def test_paired_perplexity_of_identical_results():
     entry = _perplexity_entry([30.0, 52.5, 7.25], [10, 20, 3])
     paired = evaluation.paired_perplexity(entry, entry)
 
@@ -181,7 +181,7 @@ def test_paired_perplexity_of_a_model_with_itself_is_one():
 
 
 def test_paired_perplexity_standard_error_matches_jackknife():
-    # The linearised standard error and the delete-one jackknife over texts estimate the same quantity; on 300
+    # The linearised standard error and the delete-one jackknife over texts estimate the same quantity, so on 300
     # texts of uneven length they agree within a few percent.
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(20, 400, (300,), generator=generator).tolist()

@@ -216,8 +216,8 @@ def _exchange_masks(search, searched: torch.BoolTensor, records: list[dict], sam
         if not others:
             continue
 
-        # Refined masks mostly differ near the cut, deep in the model, so each candidate starts from the layer inputs
-        # of the cluster's own mask at its first differing block: on SmolLM2 this skips about half of the work.
+        # Refined masks mostly differ near the cut, deep in the model. Each candidate therefore starts from the layer
+        # inputs of the cluster's own mask at its first differing block instead of the embeddings.
         own_loss, prefix = search.loss(exchange_batches, searched[cluster], keep_states=True)
         losses = search.score(exchange_batches, searched[cluster], others, prefix=prefix)
         took = min(losses, key=losses.get)
