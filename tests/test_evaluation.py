@@ -69,24 +69,42 @@ def _gsm8k_texts(data_dir, count):
 # -- perplexity ----------------------------------------------------------------------------------------------------
 
 
+def direct_nll(model, ids, window, mask=None):
+    """Sum of token NLLs of one token sequence and their count, window by window, with the model's own loss on each
+    window alone (skipped blocks replaced by the identity)."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        chunk = torch.tensor([ids[start : start + window]])
+        if chunk.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            if mask is None:
+                loss = model(chunk, labels=chunk).loss
+            else:
+                with identity_blocks(model, mask):
+                    loss = model(chunk, labels=chunk).loss
+        nll += float(loss) * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return nll, count
+
+
 def direct_perplexity(model, tokenizer, texts, window, mask=None):
-    """exp(sum of token NLLs / token count), window by window, with the model's own loss on each window alone."""
+    """exp(sum of token NLLs / token count) over `texts`, each scored by `direct_nll`."""
     nll, count = 0.0, 0
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), window):
-            chunk = torch.tensor([ids[start : start + window]])
-            if chunk.shape[1] < 2:
-                continue
-            with torch.no_grad():
-                if mask is None:
-                    loss = model(chunk, labels=chunk).loss
-                else:
-                    with identity_blocks(model, mask):
-                        loss = model(chunk, labels=chunk).loss
-            nll += float(loss) * (chunk.shape[1] - 1)
-            count += chunk.shape[1] - 1
+        text_nll, text_count = direct_nll(model, tokenizer(text, add_special_tokens=False)["input_ids"], window, mask)
+        nll += text_nll
+        count += text_count
     return math.exp(nll / count), count
+
+
+def routed_model(base, tokenizer, router, texts, centroid_texts):
+    """Return a two-cluster model (dense mask and SKIP_MASK, centroids embedded from two texts), its bank and the
+    cluster of each of `texts`."""
+    centroids = router.embed(centroid_texts)
+    bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
+    model = IGPruningForCausalLM.from_base(base, bank, centroids=centroids, router=router, tokenizer=tokenizer)
+    return model, bank, router.route(texts, centroids).tolist()
 
 
 def test_perplexity_dense_matches_base_loss(dense, base, tokenizer, data_dir):
@@ -110,10 +128,7 @@ def test_perplexity_static_mask_matches_identity_reference(base, tokenizer, data
 
 def test_perplexity_routes_each_text(base, tokenizer, router, data_dir):
     texts = _gsm8k_texts(data_dir, 2) + heldout_texts("github", data_dir)[:2]
-    centroids = router.embed([texts[0], texts[2]])
-    bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
-    model = IGPruningForCausalLM.from_base(base, bank, centroids=centroids, router=router, tokenizer=tokenizer)
-    clusters = router.route(texts, centroids).tolist()
+    model, bank, clusters = routed_model(base, tokenizer, router, texts, [texts[0], texts[2]])
     result = perplexity(model, tokenizer, texts, window=64, batch_size=3, max_tokens=None)
 
     nll, count = 0.0, 0
@@ -137,10 +152,7 @@ def test_perplexity_keeps_each_text_nll(base, tokenizer, router, data_dir):
     # Two clusters, windows batched across texts and a token cap that cuts the last text: each text's sum must still
     # be its own windows' loss under its own cluster's mask.
     texts = _gsm8k_texts(data_dir, 3) + heldout_texts("github", data_dir)[:2]
-    centroids = router.embed([texts[0], texts[3]])
-    bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
-    model = IGPruningForCausalLM.from_base(base, bank, centroids=centroids, router=router, tokenizer=tokenizer)
-    clusters = router.route(texts, centroids).tolist()
+    model, bank, clusters = routed_model(base, tokenizer, router, texts, [texts[0], texts[3]])
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
     # No text before the last ends in a one-token window (which is not scored and not counted against the cap).
     assert all(length % 40 != 1 for length in lengths[:4])
@@ -151,14 +163,7 @@ def test_perplexity_keeps_each_text_nll(base, tokenizer, router, data_dir):
     assert result.text_num_tokens[-1] < lengths[-1] - 1
     for index, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: lengths[index] if index < 4 else 50]
-        nll, tokens = 0.0, 0
-        for start in range(0, len(ids), 40):
-            chunk = torch.tensor([ids[start : start + 40]])
-            if chunk.shape[1] < 2:
-                continue
-            with torch.no_grad(), identity_blocks(base, bank[clusters[index]]):
-                nll += float(base(chunk, labels=chunk).loss) * (chunk.shape[1] - 1)
-            tokens += chunk.shape[1] - 1
+        nll, tokens = direct_nll(base, ids, 40, bank[clusters[index]])
         assert result.text_num_tokens[index] == tokens
         assert result.text_nll_sums[index] == pytest.approx(nll, rel=1e-5)
     assert sum(result.text_nll_sums) == pytest.approx(result.nll_sum)
