@@ -448,6 +448,13 @@ def test_eval_log_samples_and_paired_compare(saved_models, data_dir, tmp_path, c
     # Two of the eight tasks: no mean difference, as no mean accuracy either.
     assert paired[saved_models["skip"].name]["zero_shot_mean"] is None
 
+    # The reference must be one of the compared models, or its figures would not be in the table.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", models[1], "--eval-dir", str(tmp_path / "eval"), "--output-dir",
+                  str(tmp_path / "compare"), "--paired", models[0]])
+    assert exit_info.value.code == 2
+    assert "is not one of the compared models" in capsys.readouterr().err
+
 
 def test_eval_command_rescores_changed_heldout_text(saved_models, data_dir, tmp_path):
     model = str(saved_models["skip"])
