@@ -45,9 +45,10 @@ def register(subparsers) -> None:
     parser.add_argument("--reference", default=None, metavar="DIR",
                         help="model whose speed the others are divided by (default: the first dense model)")
     parser.add_argument("--paired", default=None, metavar="DIR",
-                        help="also compare every model with this one text by text and document by document: "
-                             "perplexity ratio and zero-shot accuracy difference with paired standard errors (needs "
-                             "results of the same `igp eval` texts; zero-shot needs `igp eval --log-samples`)")
+                        help="also compare every model with this one, text by text and document by document: "
+                             "perplexity ratio and zero-shot accuracy difference with paired standard errors. The "
+                             "models need results on the same held-out texts, and zero-shot results written with "
+                             "`igp eval --log-samples`")
     parser.set_defaults(func=run)
 
 
@@ -64,12 +65,11 @@ def load_evaluation(model_dir: Path, eval_dir: Path | None) -> dict:
     return json.loads(evaluation_path.read_text())
 
 
-def describe_model(model_dir: Path, eval_dir: Path | None) -> dict:
-    """Collect one model's method, sparsity, masks and evaluation into a flat row."""
+def describe_model(model_dir: Path, evaluation: dict) -> dict:
+    """Collect one model's method, sparsity, masks and evaluation (its `load_evaluation` result) into a flat row."""
     config = json.loads((model_dir / "config.json").read_text())
     record_path = model_dir / "igp_run.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    evaluation = load_evaluation(model_dir, eval_dir)
 
     mask_bank = config.get("mask_bank") or [[1] * (2 * config.get("text_config", config)["num_hidden_layers"])]
     num_blocks = len(mask_bank[0])
@@ -151,16 +151,18 @@ def group_rows(rows: list[dict]) -> list[dict]:
 # -- paired comparison -----------------------------------------------------------------------------------------------
 
 
-def paired_against(model_dirs: list[Path], reference_dir: Path, eval_dir: Path | None) -> dict:
-    """Return each model's perplexity ratio per domain and accuracy difference per task against `reference_dir`."""
+def paired_against(evaluations: dict, reference_dir: Path) -> dict:
+    """Return each model's perplexity ratio per domain and accuracy difference per task against `reference_dir`.
+
+    `evaluations` maps each model folder, the reference's included, to its `load_evaluation` result."""
     from .evaluation import mean_difference, paired_perplexity, paired_zero_shot
 
-    reference = load_evaluation(reference_dir, eval_dir)
+    reference = evaluations[reference_dir]
     paired = {}
-    for model_dir in model_dirs:
-        if model_dir.resolve() == reference_dir.resolve():
+    for model_dir, evaluation in evaluations.items():
+        if model_dir == reference_dir:
             continue
-        evaluation = load_evaluation(model_dir, eval_dir)
+
         perplexity = {}
         for domain, entry in evaluation.get("perplexity", {}).items():
             if domain in reference.get("perplexity", {}):
@@ -176,14 +178,15 @@ def paired_against(model_dirs: list[Path], reference_dir: Path, eval_dir: Path |
         paired[model_dir.name] = {
             "perplexity": perplexity,
             "zero_shot": zero_shot,
-            # The mean only over all eight tasks, like the table's mean accuracy.
+            # Like the table's mean accuracy, the mean difference needs all eight tasks.
             "zero_shot_mean": mean_difference(tasks) if len(tasks) == len(MAIN_METRIC) else None,
         }
     return paired
 
 
 def paired_table(paired: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the paired table: ratio (percent change, ± one standard error) per domain, then accuracy."""
+    """Return the header and cells of the paired table: perplexity change per domain, then mean accuracy difference,
+    each ± one standard error."""
     domains = sorted({domain for item in paired.values() for domain in item["perplexity"]})
     header = ["model"] + [f"ppl {domain}" for domain in domains] + ["mean acc diff"]
     cells = []
@@ -377,7 +380,9 @@ def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str 
 
     With `paired`, compare.json gains `paired` (every model against that one, see `paired_against`) and compare.md
     a second table. Returns the JSON content, with the names of the written files under `files`."""
-    rows = [describe_model(Path(model_dir), Path(eval_dir) if eval_dir else None) for model_dir in model_dirs]
+    eval_dir = Path(eval_dir) if eval_dir else None
+    loaded = [(Path(model_dir), load_evaluation(Path(model_dir), eval_dir)) for model_dir in model_dirs]
+    rows = [describe_model(model_dir, evaluation) for model_dir, evaluation in loaded]
     groups = group_rows(rows)
     if reference is not None:
         matches = [row for row in rows if Path(row["path"]).resolve() == Path(reference).resolve()]
@@ -404,11 +409,12 @@ def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str 
     }
     markdown = format_markdown_table(header, cells) + "\n"
     if paired is not None:
-        if not any(Path(row["path"]).resolve() == Path(paired).resolve() for row in rows):
-            raise UsageError(f"--paired {paired} is not one of the compared models.")
-        content["paired_reference"] = Path(paired).name
-        content["paired"] = paired_against([Path(model_dir) for model_dir in model_dirs], Path(paired),
-                                           Path(eval_dir) if eval_dir else None)
+        evaluations = dict(loaded)
+        matches = [model_dir for model_dir in evaluations if model_dir.resolve() == Path(paired).resolve()]
+        if not matches:
+            raise UsageError(f"--paired {paired} is not one of the compared models; add it to the model folders.")
+        content["paired_reference"] = matches[0].name
+        content["paired"] = paired_against(evaluations, matches[0])
         paired_header, paired_cells = paired_table(content["paired"])
         content["paired_table"] = format_text_table(paired_header, paired_cells)
         markdown += (f"\nAgainst {content['paired_reference']}, on the same texts and documents: perplexity change "

@@ -155,9 +155,13 @@ def run(args) -> int:
                 raise UsageError(f"--calibration: {error}") from error
         logger.info("Held-out text excludes %d calibration texts of the %d models", len(exclude), len(args.model))
 
+    # A stored result is reused only if it scored the same held-out texts, so a changed data folder, calibration or
+    # held-out count is scored again. The texts are the same for every model.
+    ppl_settings = {domain: evaluation.perplexity_settings(evaluation.heldout_texts(domain, data_dir, exclude=exclude),
+                                                           args.ppl_window, args.ppl_max_tokens) for domain in domains}
     paths = {model_dir: result_path(model_dir, args.output_dir) for model_dir in args.model}
     for model_dir in args.model:
-        _evaluate_quality(model_dir, paths[model_dir], tasks, domains, exclude, data_dir, args, evaluation)
+        _evaluate_quality(model_dir, paths[model_dir], tasks, ppl_settings, exclude, data_dir, args, evaluation)
 
     if args.speed:
         speed_config = evaluation.SpeedConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -175,17 +179,16 @@ def run(args) -> int:
     return 0
 
 
-def _evaluate_quality(model_dir, path, tasks, domains, exclude, data_dir, args, evaluation) -> None:
-    """Perplexity and zero-shot accuracy of one model, skipping parts already in its result file."""
+def _evaluate_quality(model_dir, path, tasks, ppl_settings, exclude, data_dir, args, evaluation) -> None:
+    """Score perplexity and zero-shot accuracy of one model, skipping parts already in its result file.
+
+    `ppl_settings` maps each requested domain to the `perplexity_settings` a stored result must match."""
     result = load_result(path, model_dir)
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": args.device,
                          "python": platform.python_version()}
     result["command"] = sys.argv
-    # A result is reused only if it scored the same held-out texts, so a changed data folder or calibration is seen.
-    todo_domains = [domain for domain in domains if args.overwrite or
-                    result["perplexity"].get(domain, {}).get("settings") != evaluation.perplexity_settings(
-                        evaluation.heldout_texts(domain, data_dir, exclude=exclude), args.ppl_window,
-                        args.ppl_max_tokens)]
+    todo_domains = [domain for domain, settings in ppl_settings.items() if args.overwrite or
+                    result["perplexity"].get(domain, {}).get("settings") != settings]
     zero_shot_settings = {"limit": args.limit, "seed": args.seed}
     todo_tasks = [task for task in tasks if args.overwrite or
                   result["zero_shot"].get(task, {}).get("settings") != zero_shot_settings or
