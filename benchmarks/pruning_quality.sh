@@ -89,7 +89,7 @@ case "${1:-}" in
         $IGP eval --model $(models) "$plain" --tasks none --ppl none --speed --data-dir "$DATA" \
             --output-dir "$OUT/eval" ;;
     compare)
-        # PAIRED=DIR adds each model's paired differences from that one (for example a static L0 folder).
+        # With PAIRED=DIR (for example a static L0 folder), the comparison adds each model's paired difference from it.
         $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ${PAIRED:+--paired "$PAIRED"} ;;
     *) echo "usage: $0 baselines|learned|refine|eval|speed|compare" >&2; exit 2 ;;
 esac

@@ -70,7 +70,7 @@ def _gsm8k_texts(data_dir, count):
 
 
 def direct_nll(model, ids, window, mask=None):
-    """Sum of token NLLs of one token sequence and their count, window by window, with the model's own loss on each
+    """Return the sum of the token NLLs of one token sequence and their count, from the model's own loss on each
     window alone (skipped blocks replaced by the identity)."""
     nll, count = 0.0, 0
     for start in range(0, len(ids), window):
@@ -89,7 +89,7 @@ def direct_nll(model, ids, window, mask=None):
 
 
 def direct_perplexity(model, tokenizer, texts, window, mask=None):
-    """exp(sum of token NLLs / token count) over `texts`, each scored by `direct_nll`."""
+    """Return exp(sum of token NLLs / token count) over `texts`, each scored by `direct_nll`, and the token count."""
     nll, count = 0.0, 0
     for text in texts:
         text_nll, text_count = direct_nll(model, tokenizer(text, add_special_tokens=False)["input_ids"], window, mask)
@@ -149,8 +149,8 @@ def test_perplexity_max_tokens_caps_scored_tokens(dense, tokenizer, data_dir):
 
 
 def test_perplexity_keeps_each_text_nll(base, tokenizer, router, data_dir):
-    # Two clusters, windows batched across texts and a token cap that cuts the last text: each text's sum must still
-    # be its own windows' loss under its own cluster's mask.
+    # Two clusters, windows batched across texts and a token cap that cuts the last text. Each text's sum must still
+    # be the loss of its own windows under its own cluster's mask.
     texts = _gsm8k_texts(data_dir, 3) + heldout_texts("github", data_dir)[:2]
     model, bank, clusters = routed_model(base, tokenizer, router, texts, [texts[0], texts[3]])
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
@@ -221,12 +221,14 @@ def test_paired_zero_shot_on_shared_documents():
     reference = entry({0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0, 9: 0.0})
     paired = evaluation.paired_zero_shot(model, reference, "acc")
 
-    # Documents 0 to 3 are shared; differences 1, 0, 0, 1.
+    # Documents 0 to 3 are shared, with differences 1, 0, 0 and 1.
     assert paired["num_docs"] == 4
     assert paired["difference"] == 0.5
     assert paired["stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
-    assert (paired["docs_better"], paired["docs_worse"]) == (2, 0)
+    assert paired["docs_better"] == 2
+    assert paired["docs_worse"] == 0
     assert evaluation.paired_zero_shot(model, entry({}), "acc") is None
+
     mean = evaluation.mean_difference([paired, dict(paired, difference=-0.5)])
     assert mean["difference"] == 0.0
     assert mean["stderr"] == pytest.approx(paired["stderr"] / math.sqrt(2))

@@ -87,7 +87,7 @@ PERPLEXITY_DOMAINS = {
 
 # Number of records from the end of each RedPajama sample kept for evaluation. The GitHub sample has only 100 records,
 # and calibration draws from all of them. Its held-out part is the last 50 that calibration did not draw, so that it
-# fills the 8,192-token budget like the other domains; 10 texts gave 2,849 tokens.
+# reaches the benchmark's 8,192-token budget like the other domains. The last 10 held only 2,849 tokens.
 REDPAJAMA_HELDOUT_RECORDS = {"c4": 100, "stackexchange": 100, "github": 50}
 
 
@@ -169,8 +169,8 @@ class PerplexityResult:
     clusters: dict
     """Number of texts routed to each cluster."""
     text_nll_sums: list = field(default_factory=list)
-    """NLL sum of each scored text, in the order the texts were taken, so that two models scored on the same texts
-    can be compared text by text (`paired_perplexity`)."""
+    """NLL sum of each scored text, in the order the texts were taken. Two models scored on the same texts can then
+    be compared text by text (`paired_perplexity`)."""
     text_num_tokens: list = field(default_factory=list)
     """Scored tokens of each text, in the same order."""
 
@@ -204,7 +204,8 @@ def text_windows(token_ids: list[int], window: int, max_tokens: int | None) -> l
 @torch.no_grad()
 def window_nll(model, windows: list[list[int]], cluster_ids: list[int],
                pad_token_id: int) -> tuple[list[float], list[int]]:
-    """Sum of next-token negative log-likelihoods of each right-padded window, and its number of scored tokens."""
+    """Return the sum of next-token negative log-likelihoods of each right-padded window and its number of scored
+    tokens."""
     device = model.device
     length = max(len(window) for window in windows)
     input_ids = torch.full((len(windows), length), pad_token_id, dtype=torch.long)
@@ -578,7 +579,7 @@ def evaluate_zero_shot(lm, config: ZeroShotConfig, data_dir: str | Path | None =
             entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         if config.log_samples:
             # lm-eval adds each document's metric values to its sample. LAMBADA's per-document "perplexity" is the
-            # target's log-likelihood, already kept, so only the accuracies are.
+            # target's log-likelihood, which `loglikelihoods` already contains, so only the accuracy metrics are kept.
             entry["samples"] = [
                 {"doc_id": sample["doc_id"], "loglikelihoods": [float(resp[0][0]) for resp in sample["resps"]],
                  "metrics": {metric: float(sample[metric]) for metric in TASK_METRICS[name]
@@ -592,17 +593,19 @@ def evaluate_zero_shot(lm, config: ZeroShotConfig, data_dir: str | Path | None =
 # -- paired comparison -----------------------------------------------------------------------------------------------
 # Two models scored on the same texts and documents differ far less in their paired differences than their separate
 # standard errors suggest, because most of the variance comes from which texts and questions were drawn. These
-# functions give the difference of one model from a reference with the standard error of the paired difference.
+# functions give the difference of one model from a reference, with the standard error of that paired difference.
 
 
 def paired_perplexity(entry: dict, reference: dict) -> dict | None:
-    """Perplexity of one model relative to a reference, scored on the same held-out texts, with a standard error.
+    """Return the perplexity ratio of one model to a reference on the same held-out texts, with a standard error.
 
     Both entries are `evaluate_perplexity` results of one domain. The log ratio is the difference of the two
     token-weighted mean NLLs. Its standard error counts texts, not tokens, as the independent draws (the tokens of
     one text are correlated), with the linearised variance of a ratio of sums. Returns None when either entry lacks
     per-text sums (results written before they were kept).
     """
+    # NOTE: the standard error rests on the number of texts, and the WikiText-2 domain scores only 3 articles at the
+    # benchmark's 8,192 tokens, so its standard error is a rough estimate.
     nll, reference_nll = entry.get("text_nll_sums"), reference.get("text_nll_sums")
     if not nll or not reference_nll:
         return None
@@ -627,7 +630,8 @@ def paired_perplexity(entry: dict, reference: dict) -> dict | None:
 
 
 def paired_zero_shot(entry: dict, reference: dict, metric: str) -> dict | None:
-    """Accuracy difference of one model from a reference on the documents both scored, with its standard error.
+    """Return the accuracy difference of one model from a reference on the documents both scored, with its standard
+    error.
 
     Both entries are `evaluate_zero_shot` task results written with `log_samples`. Returns None when either lacks
     per-document metric values or they share no document.
@@ -651,7 +655,7 @@ def paired_zero_shot(entry: dict, reference: dict, metric: str) -> dict | None:
 
 
 def mean_difference(paired: list[dict]) -> dict | None:
-    """Mean of per-task `paired_zero_shot` differences, with the standard error of independent tasks."""
+    """Return the mean of per-task `paired_zero_shot` differences, with the standard error of independent tasks."""
     if not paired or any(item["stderr"] is None for item in paired):
         return None
     return {

@@ -252,7 +252,8 @@ class _LocalSearch:
         return _mean_loss(self.igp_model, batches, keep, prefix, first_block, keep_states)
 
     def eligible(self, keep: torch.BoolTensor, offered: dict) -> dict:
-        """Return the offered masks that skip at least the cost `keep` skips; the others would undercut the target."""
+        """Return the offered masks that skip at least the cost `keep` skips, because the others would undercut the
+        target."""
         own_cost = _skipped_cost(keep, self.costs)
         return {name: mask for name, mask in offered.items() if _skipped_cost(mask, self.costs) >= own_cost - 1e-9}
 
