@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 
 import torch
 from torch import nn
@@ -164,7 +165,11 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, load_router: bool = True, **kwargs):
         """Load the model, then its tokenizer and (unless `load_router=False`) its router from the same place."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        _check_block_weights_loaded(loading_info["missing_keys"], pretrained_model_name_or_path)
         hub_kwargs = {
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
@@ -192,7 +197,7 @@ class IGPruningForCausalLM(IGPruningHubMixin, IGPruningPreTrainedModel, Generati
                     f"without routing (every call then needs block_mask or cluster_ids)."
                 ) from error
             model.attach_router(router.to(model.device) if model.device.type != "meta" else router)
-        return model
+        return (model, loading_info) if return_loading_info else model
 
     # -- routing --------------------------------------------------------------------------------------------------
 
@@ -562,6 +567,27 @@ def _remove_unused_blocks(model, kept_by_bank: list[bool]) -> None:
         if not kept_by_bank[2 * layer_idx + 1]:
             for name in MLP_BLOCK_MODULES:
                 setattr(layer, name, None)
+
+
+def _check_block_weights_loaded(missing_keys, path) -> None:
+    """Raise if the checkpoint lacks the weights of a block that the configured mask bank runs.
+
+    A checkpoint stores only the blocks its bank kept. If config.json is later given a bank that keeps one of the
+    others, transformers would fill that block with freshly initialised weights and only log a warning.
+    """
+    modules = {name: 0 for name in ATTENTION_BLOCK_MODULES} | {name: 1 for name in MLP_BLOCK_MODULES}
+    blocks = set()
+    for key in missing_keys:
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.([^.]+)\.", key)
+        if match and match.group(2) in modules:
+            blocks.add(2 * int(match.group(1)) + modules[match.group(2)])
+    if blocks:
+        raise ValueError(
+            f"{path} has no weights for blocks {sorted(blocks)}, which config.mask_bank runs: the checkpoint was saved "
+            "with a bank that skipped them in every mask, so they would start from random values. Restore the "
+            "config.json saved with these weights, or build the model again from its base model with "
+            "IGPruningForCausalLM.from_base(base_model, mask_bank)."
+        )
 
 
 def _share_modules(model, base_model) -> None:
