@@ -26,6 +26,7 @@ from modeling_igp import IGPruningForCausalLM
 
 
 ATOL = 1e-5
+SMOLLM2_BATCH_ATOL = 5e-4
 
 
 def masks_for(num_layers: int, seed: int, count: int = 4) -> list[list[int]]:
@@ -492,10 +493,13 @@ def test_smollm2_masks_match_reference_and_cache(smollm2):
     model = IGPruningForCausalLM.from_base(base, masks)
     prompt = tokenizer("Write a short poem about the sea.", return_tensors="pt").input_ids
 
+    # Each block runs on the rows whose mask keeps it, so the rows pass through matrix products of batch 1 and 2.
+    # Some CPUs (AVX-512 here) sum those in different orders, and over 30 real layers the logits (up to 30) drift by
+    # about 1e-4. Running or skipping any one block differently moves some logit by more than 4.
     logits = model(prompt.repeat(2, 1), cluster_ids=torch.tensor([0, 1])).logits
     for cluster, mask in enumerate(masks):
         expected = reference_logits(base, prompt, mask)
-        torch.testing.assert_close(logits[cluster : cluster + 1], expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits[cluster : cluster + 1], expected, atol=SMOLLM2_BATCH_ATOL, rtol=0)
 
     settings = dict(cluster_ids=torch.tensor([1]), max_new_tokens=8, do_sample=False)
     with_cache = model.generate(prompt, **settings)
