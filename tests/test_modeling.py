@@ -494,8 +494,8 @@ def test_smollm2_masks_match_reference_and_cache(smollm2):
     prompt = tokenizer("Write a short poem about the sea.", return_tensors="pt").input_ids
 
     # Each block runs on the rows whose mask keeps it, so the rows pass through matrix products of batch 1 and 2.
-    # Some CPUs (AVX-512 here) sum those in different orders, and over 30 real layers the logits (up to 30) drift by
-    # about 1e-4. Running or skipping any one block differently moves some logit by more than 4.
+    # Some CPUs (AVX-512 ones among them) sum those in different orders, and over 30 real layers the logits (up to 30)
+    # drift by about 1e-4. Running or skipping any one block differently moves some logit by more than 4 here.
     logits = model(prompt.repeat(2, 1), cluster_ids=torch.tensor([0, 1])).logits
     for cluster, mask in enumerate(masks):
         expected = reference_logits(base, prompt, mask)
