@@ -229,6 +229,41 @@ def test_static_l0_runs_pipeline_with_one_cluster(base_dir, calibration_spec, tm
     assert json.loads((tmp_path / "l0" / "igp_run.json").read_text())["method"] == "static-l0"
 
 
+def test_static_l0_refine_matches_refine_command(base_dir, calibration_spec, tmp_path):
+    from igp_training.l0 import MaskLearningConfig
+    from igp_training.refine import MaskRefinementConfig
+
+    # Reference: the unrefined baseline, refined afterwards by `igp refine` with the same settings. The tiny random
+    # model's losses differ by less than the default 0.2% threshold, so both accept any improvement.
+    learning = MaskLearningConfig(max_steps=2, batch_size=2, influence_examples=4)
+    config = BaselineConfig(method="static-l0", sparsity=2 / NUM_LAYERS, calibration=calibration_spec, max_length=32)
+    make_baseline(config, tmp_path / "l0", model=str(base_dir), mask_learning=learning)
+    assert cli.main(["refine", str(tmp_path / "l0"), "--output", str(tmp_path / "l0-refined"), "--examples", "6",
+                     "--min-improvement", "0"]) == 0
+    reference = json.loads((tmp_path / "l0-refined" / "igp_run.json").read_text())
+
+    config.refine = MaskRefinementConfig(max_examples=6, min_improvement=0.0)
+    _, record = make_baseline(config, tmp_path / "l0r", model=str(base_dir), mask_learning=learning)
+
+    learned = json.loads((tmp_path / "l0" / "igp_run.json").read_text())["masks"]["mask_bank"]
+    assert record["method"] == "static-l0"
+    assert record["refinement"]["initial_mask_bank"] == learned
+    assert record["refinement"]["clusters"][0]["examples"] == 6
+    assert record["masks"]["mask_bank"] == reference["masks"]["mask_bank"]
+    assert record["masks"]["mask_bank"] != learned, "choose a setting in which refinement changes the mask"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "l0r").config.mask_bank == record["masks"]["mask_bank"]
+
+
+def test_refine_examples_needs_static_l0(base_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["baseline", "--method", "shortgpt", "--refine-examples", "8", "--model", str(base_dir),
+                  "--output", str(tmp_path / "x")])
+
+    assert exit_info.value.code == 2
+    assert "igp refine" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_baseline_command_writes_folder(base_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["igp", "baseline"])
     status = cli.main(["baseline", "--method", "random", "--sparsity", str(2 / NUM_LAYERS), "--model", str(base_dir),

@@ -40,19 +40,24 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the random mask")
     parser.add_argument("--steps", type=int, default=None,
                         help="static-l0 only: mask-learning optimizer steps (default: the MaskLearningConfig default)")
+    parser.add_argument("--refine-examples", type=int, default=None, metavar="N",
+                        help="static-l0 only: refine the learned mask on N calibration texts by measured loss, as "
+                             "`igp prune --refine` does; without it the mask is not refined")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already saved in --output")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .baselines import BaselineConfig, make_baseline
+    from .refine import MaskRefinementConfig
 
     if not 0.0 <= args.sparsity < 1.0:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}.")
     if args.method != "dense" and args.sparsity == 0.0:
         raise UsageError(f"--method {args.method} with --sparsity 0 skips nothing; give a sparsity above 0.")
     for option, value in (("--seq-length", args.seq_length), ("--batch-size", args.batch_size),
-                          ("--num-texts", args.num_texts), ("--steps", args.steps)):
+                          ("--num-texts", args.num_texts), ("--steps", args.steps),
+                          ("--refine-examples", args.refine_examples)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}.")
 
@@ -70,6 +75,7 @@ def run(args) -> int:
         max_length=args.seq_length,
         batch_size=args.batch_size,
         seed=args.seed,
+        refine=None if args.refine_examples is None else MaskRefinementConfig(max_examples=args.refine_examples),
     )
     try:
         _, record = make_baseline(config, args.output, model=args.model, mask_learning=mask_learning,

@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from modeling_igp import IGPruningForCausalLM
 
 from .block_influence import block_influence
 from .sparsity import sparsity_report
+
+if TYPE_CHECKING:
+    from .refine import MaskRefinementConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,11 @@ class BaselineConfig:
 
     context_length: int = 2048
     """Context length at which FLOPs sparsity is reported."""
+
+    refine: "MaskRefinementConfig | None" = None
+    """Only for `static-l0`: refine the learned mask by its measured calibration loss (`igp_training.refine`, as
+    `igp prune --refine` does for every cluster) before saving. None: no refinement. A static baseline refined like
+    the input-guided run it is compared with differs from it only in the routing."""
 
 
 def num_skipped_blocks(num_layers: int, sparsity: float) -> int:
@@ -196,6 +205,9 @@ def make_baseline(config: BaselineConfig, output_dir: str | Path, model: str | N
     """
     if config.method not in METHODS:
         raise ValueError(f"Unknown baseline method {config.method!r}; choose from {', '.join(METHODS)}.")
+    if config.refine is not None and config.method != "static-l0":
+        raise ValueError(f"Refinement (--refine-examples) starts from a learned mask, and {config.method!r} learns "
+                         "none. Use it with static-l0, or run `igp refine` on the saved folder.")
     output_dir = Path(output_dir)
     if (output_dir / "config.json").exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already contains a saved model; pass overwrite=True (--overwrite) to replace it.")
@@ -261,6 +273,7 @@ def _static_l0(config, output_dir, model, mask_learning, overwrite, argv):
         min_cluster_size=1,
         context_length=config.context_length,
         overwrite=overwrite,
+        refine=config.refine,
     )
     result = prune(prune_config, mask_learning=mask_learning, argv=argv)
     record = result.record
