@@ -254,16 +254,6 @@ def test_static_l0_refine_matches_refine_command(base_dir, calibration_spec, tmp
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "l0r").config.mask_bank == record["masks"]["mask_bank"]
 
 
-def test_refine_examples_needs_static_l0(base_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["baseline", "--method", "shortgpt", "--refine-examples", "8", "--model", str(base_dir),
-                  "--output", str(tmp_path / "x")])
-
-    assert exit_info.value.code == 2
-    assert "igp refine" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
-
-
 def test_baseline_command_writes_folder(base_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["igp", "baseline"])
     status = cli.main(["baseline", "--method", "random", "--sparsity", str(2 / NUM_LAYERS), "--model", str(base_dir),
@@ -288,6 +278,7 @@ def test_baseline_command_rejects_zero_sparsity(base_dir, tmp_path, capsys):
     (["--method", "shortgpt", "--calibration", "{empty}"], "is empty"),
     (["--method", "shortgpt", "--calibration", "{records}:body"], "no column 'body'"),
     (["--method", "static-l0", "--calibration", "{empty}", "--steps", "1"], "is empty"),
+    (["--method", "shortgpt", "--refine-examples", "8"], "or run `igp refine` on the saved folder"),
 ])
 def test_baseline_command_invalid_input_exit_2(arguments, message, base_dir, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
