@@ -570,10 +570,10 @@ def _remove_unused_blocks(model, kept_by_bank: list[bool]) -> None:
 
 
 def _check_block_weights_loaded(missing_keys, path) -> None:
-    """Raise if the checkpoint lacks the weights of a block that the configured mask bank runs.
+    """Raise a ValueError if the checkpoint is missing the weights of a block that the configured mask bank runs.
 
-    A checkpoint stores only the blocks its bank kept. If config.json is later given a bank that keeps one of the
-    others, transformers would fill that block with freshly initialised weights and only log a warning.
+    A checkpoint stores only the blocks its bank runs. Without this check, a config.json edited later to run another
+    block would load that block with random initial weights, and transformers would only log a warning.
     """
     modules = {name: 0 for name in ATTENTION_BLOCK_MODULES} | {name: 1 for name in MLP_BLOCK_MODULES}
     blocks = set()
@@ -583,9 +583,9 @@ def _check_block_weights_loaded(missing_keys, path) -> None:
             blocks.add(2 * int(match.group(1)) + modules[match.group(2)])
     if blocks:
         raise ValueError(
-            f"{path} has no weights for blocks {sorted(blocks)}, which config.mask_bank runs: the checkpoint was saved "
-            "with a bank that skipped them in every mask, so they would start from random values. Restore the "
-            "config.json saved with these weights, or build the model again from its base model with "
+            f"{path} is missing the weights of blocks {sorted(blocks)}, which config.mask_bank runs, because the "
+            "checkpoint was saved with a bank that skipped them in every mask. Restore the config.json saved with "
+            "these weights, or build the model again from its base model with "
             "IGPruningForCausalLM.from_base(base_model, mask_bank)."
         )
 

@@ -493,9 +493,8 @@ def test_smollm2_masks_match_reference_and_cache(smollm2):
     model = IGPruningForCausalLM.from_base(base, masks)
     prompt = tokenizer("Write a short poem about the sea.", return_tensors="pt").input_ids
 
-    # Each block runs on the rows whose mask keeps it, so the rows pass through matrix products of batch 1 and 2.
-    # Some CPUs (AVX-512 ones among them) sum those in different orders, and over 30 real layers the logits (up to 30)
-    # drift by about 1e-4. Running or skipping any one block differently moves some logit by more than 4 here.
+    # The rows run blocks in batches of 1 and 2, which some CPUs (AVX-512 ones here) sum in different orders, so the
+    # logits drift by about 1e-4 over 30 layers. Flipping any one block moves some logit by more than 4 here.
     logits = model(prompt.repeat(2, 1), cluster_ids=torch.tensor([0, 1])).logits
     for cluster, mask in enumerate(masks):
         expected = reference_logits(base, prompt, mask)

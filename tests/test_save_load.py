@@ -277,15 +277,15 @@ def test_missing_router_weights_raise(saved_checkpoint, tmp_path):
         AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
 
 
-def test_bank_edited_to_run_a_removed_block_raises(saved_checkpoint, tmp_path):
+def test_edited_bank_missing_weights_raises(saved_checkpoint, tmp_path):
     path, _ = saved_checkpoint
     edited = copy_without(path, tmp_path / "edited-bank", set())
     config = json.loads((edited / "config.json").read_text())
     config["mask_bank"][0][CHECKPOINT_REMOVED_BLOCKS[1]] = 1
     (edited / "config.json").write_text(json.dumps(config))
 
-    # The weights of that block were never saved; loading must not fill them with fresh random values.
-    with pytest.raises(ValueError, match=rf"no weights for blocks \[{CHECKPOINT_REMOVED_BLOCKS[1]}\]"):
+    # The weights of that block were never saved, so loading must not fill them with random values.
+    with pytest.raises(ValueError, match=rf"missing the weights of blocks \[{CHECKPOINT_REMOVED_BLOCKS[1]}\]"):
         AutoModelForCausalLM.from_pretrained(edited, trust_remote_code=True)
 
     model, loading_info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, output_loading_info=True)

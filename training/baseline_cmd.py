@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                         help="static-l0 only: mask-learning optimizer steps (default: the MaskLearningConfig default)")
     parser.add_argument("--refine-examples", type=int, default=None, metavar="N",
                         help="static-l0 only: refine the learned mask on N calibration texts by measured loss, as "
-                             "`igp prune --refine` does; without it the mask is not refined")
+                             "`igp prune --refine` does. Without it the mask is not refined")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already saved in --output")
     parser.set_defaults(func=run)
 

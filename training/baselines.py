@@ -70,9 +70,9 @@ class BaselineConfig:
     """Context length at which FLOPs sparsity is reported."""
 
     refine: "MaskRefinementConfig | None" = None
-    """Only for `static-l0`: refine the learned mask by its measured calibration loss (`igp_training.refine`, as
-    `igp prune --refine` does for every cluster) before saving. None: no refinement. A static baseline refined like
-    the input-guided run it is compared with differs from it only in the routing."""
+    """Refinement of the learned mask by its measured calibration loss before saving, as `igp prune --refine` runs it
+    for every cluster. Only `static-l0` learns a mask to refine, and None skips refinement. A static baseline refined
+    like the input-guided run it is compared with differs from that run only in the routing."""
 
 
 def num_skipped_blocks(num_layers: int, sparsity: float) -> int:
@@ -206,8 +206,9 @@ def make_baseline(config: BaselineConfig, output_dir: str | Path, model: str | N
     if config.method not in METHODS:
         raise ValueError(f"Unknown baseline method {config.method!r}; choose from {', '.join(METHODS)}.")
     if config.refine is not None and config.method != "static-l0":
-        raise ValueError(f"Refinement (--refine-examples) starts from a learned mask, and {config.method!r} learns "
-                         "none. Use it with static-l0, or run `igp refine` on the saved folder.")
+        raise ValueError(f"Invalid refinement for method {config.method!r}: refinement (--refine-examples) needs a "
+                         "learned mask, which only static-l0 has. Use --method static-l0, or run `igp refine` on the "
+                         "saved folder.")
     output_dir = Path(output_dir)
     if (output_dir / "config.json").exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already contains a saved model; pass overwrite=True (--overwrite) to replace it.")
