@@ -527,3 +527,33 @@ def test_compare_without_zero_shot_draws_no_accuracy_plot(saved_models, data_dir
     assert sorted(path.name for path in (tmp_path / "compare").iterdir()) == ["compare.json", "compare.md",
                                                                               "masks.png", "perplexity.png"]
     assert "Wrote compare.json, compare.md, perplexity.png, masks.png" in capsys.readouterr().out
+
+
+def test_task_calibration_skips_scored_documents(data_dir, tmp_path):
+    """The benchmark's task-format calibration texts hold gold answers of documents no evaluation subset scores."""
+    import subprocess
+    from pathlib import Path
+
+    output = tmp_path / "task_calibration.jsonl"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "task_calibration.py"
+    subprocess.run([sys.executable, str(script), "--output", str(output), "--data-dir", str(data_dir),
+                    "--tasks", "openbookqa,boolq", "--texts-per-task", "6"], check=True, capture_output=True)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    raw = {name: [json.loads(line) for line in (data_dir / name / file).read_text().splitlines() if line.strip()]
+           for name, file in (("openbookqa", "test.jsonl"), ("boolq", "val.jsonl"))}
+
+    assert [row["task"] for row in rows] == ["openbookqa"] * 6 + ["boolq"] * 6
+    for row in rows:
+        scored = set(seeded_subset(len(raw[row["task"]]), 200, 1234, row["task"]))
+        scored |= set(seeded_subset(len(raw[row["task"]]), 50, 1234, row["task"]))
+        assert not scored.intersection(row["doc_ids"])
+
+        # The gold answer read from the raw file, not through lm-eval.
+        for doc_id in row["doc_ids"]:
+            record = raw[row["task"]][doc_id]
+            if row["task"] == "openbookqa":
+                answer = next(c["text"] for c in record["question"]["choices"] if c["label"] == record["answerKey"])
+                assert f"{record['question']['stem']} {answer}" in row["text"]
+        if row["task"] == "boolq":
+            last = raw["boolq"][row["doc_ids"][-1]]
+            assert row["text"].endswith(f"Question: {last['question']}?\nAnswer: {'yes' if last['label'] == 'true' else 'no'}")
