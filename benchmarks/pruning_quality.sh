@@ -4,6 +4,7 @@
 #   bash benchmarks/pruning_quality.sh baselines   # dense, ShortGPT, block Block Influence, random (3 seeds)
 #   bash benchmarks/pruning_quality.sh learned     # static L0 (one cluster) and IG-Pruning with N = 4 and 8
 #   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"), and the N = 8 recipe ("lx")
+#   bash benchmarks/pruning_quality.sh task        # every method again, calibrated also on task-format text
 #   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
 #   bash benchmarks/pruning_quality.sh speed       # speed and memory of every built model, in one run
 #   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots (PAIRED=DIR: paired differences)
@@ -70,6 +71,29 @@ refine_learned() {
     done
 }
 
+build_task_calibrated() {
+    # The same methods with task-format texts added to the calibration: solved examples of the 8 zero-shot tasks
+    # from documents that no `igp eval --limit 50` or `--limit 200` subset scores (benchmarks/task_calibration.py).
+    # Static L0 is refined on 64 texts here, as the N = 8 recipe refines its masks.
+    [ -f "$OUT/task_calibration.jsonl" ] || \
+        .venv/bin/python benchmarks/task_calibration.py --data-dir "$DATA" --output "$OUT/task_calibration.jsonl"
+    local calibration="$CALIBRATION,$OUT/task_calibration.jsonl:text"
+    for sparsity in ${SPARSITIES:-0.25 0.125}; do
+        blocks=$([ "$sparsity" = 0.125 ] && echo 0.13333334 || echo 0.26666667)
+        for method in shortgpt block-bi; do
+            [ -f "$OUT/$method-task-$sparsity/config.json" ] || \
+                $IGP baseline --method "$method" --sparsity "$sparsity" --calibration "$calibration" \
+                    --output "$OUT/$method-task-$sparsity"
+        done
+        [ -f "$OUT/static-l0x-task-$sparsity/config.json" ] || \
+            $IGP baseline --method static-l0 --sparsity "$sparsity" --calibration "$calibration" \
+                --refine-examples 64 --output "$OUT/static-l0x-task-$sparsity"
+        [ -f "$OUT/igp-n8lx-task-$sparsity/config.json" ] || \
+            $IGP prune --clusters 8 --sparsity "$blocks" --calibration "$calibration" --refine \
+                --refine-global-examples 64 --output "$OUT/igp-n8lx-task-$sparsity"
+    done
+}
+
 models() {
     for folder in "$OUT"/*/; do
         [ -f "$folder/config.json" ] && echo "${folder%/}"
@@ -80,6 +104,7 @@ case "${1:-}" in
     baselines) build_baselines ;;
     learned) build_learned ;;
     refine) refine_learned ;;
+    task) build_task_calibrated ;;
     eval)
         $IGP eval --model $(models) --tasks all --limit "$LIMIT" --log-samples --ppl all --ppl-max-tokens "$PPL_TOKENS" \
             --calibration "$CALIBRATION" --data-dir "$DATA" --output-dir "$OUT/eval" ;;
@@ -91,5 +116,5 @@ case "${1:-}" in
     compare)
         # With PAIRED=DIR (for example a static L0 folder), the comparison adds each model's paired difference from it.
         $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ${PAIRED:+--paired "$PAIRED"} ;;
-    *) echo "usage: $0 baselines|learned|refine|eval|speed|compare" >&2; exit 2 ;;
+    *) echo "usage: $0 baselines|learned|refine|task|eval|speed|compare" >&2; exit 2 ;;
 esac

@@ -8,7 +8,7 @@ scores (for each L of `--exclude-limits`) is left out, and the script checks tha
     .venv/bin/python benchmarks/task_calibration.py --output runs/task_calibration.jsonl
     igp prune --calibration "$CALIBRATION,runs/task_calibration.jsonl:text" ...
 
-Each output line holds `text`, `task` and `doc_ids` (the document indices the text was built from).
+Each output line contains `text`, `task` and `doc_ids` (the document indices the text was built from).
 """
 
 import argparse
@@ -24,7 +24,7 @@ logger = logging.getLogger("task_calibration")
 
 
 def gold_text(task, doc, doc_id: int) -> str:
-    """Return the context and gold continuation of one document, as the gold choice's lm-eval request holds them."""
+    """Return the context and gold continuation of one document, as lm-eval's request for the gold choice contains them."""
     context = task.fewshot_context(doc, 0)
     requests = task.construct_requests(doc, context, metadata=(task.config.task, doc_id, 1))
     if not isinstance(requests, list):
@@ -42,7 +42,7 @@ def gold_text(task, doc, doc_id: int) -> str:
 
 
 def last_chars(text: str, max_chars: int) -> str:
-    """Keep the end of a text that is too long, cut at a word boundary, so that the answer survives truncation."""
+    """Keep the end of a text that is too long, cut at a word boundary, so that the gold continuation survives truncation."""
     if len(text) <= max_chars:
         return text
     tail = text[-max_chars:]
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", default="all", help="Comma-separated zero-shot tasks, or 'all'.")
     parser.add_argument("--texts-per-task", type=int, default=16, help="Calibration texts written for each task.")
     parser.add_argument("--max-chars", type=int, default=480,
-                        help="Characters a text may hold; 480 is about the 128 tokens mask learning reads.")
+                        help="Maximum characters of a text; 480 is about the 128 tokens mask learning reads.")
     parser.add_argument("--exclude-limits", default="50,200",
                         help="Comma-separated `igp eval --limit` values whose scored documents are left out.")
     parser.add_argument("--eval-seed", type=int, default=ZeroShotConfig.seed,
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         candidates = [index for index in range(len(docs)) if index not in excluded]
         random.Random(f"{args.seed}:{name}").shuffle(candidates)
 
-        # Enough documents for the texts even if each holds one example.
+        # Enough documents for the texts even if each contains one example.
         chosen = candidates[: args.texts_per_task * 8]
         examples = [(index, gold_text(task, docs[index], index)) for index in chosen]
         texts = pack(examples, args.texts_per_task, args.max_chars)

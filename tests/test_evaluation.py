@@ -530,7 +530,7 @@ def test_compare_without_zero_shot_draws_no_accuracy_plot(saved_models, data_dir
 
 
 def test_task_calibration_skips_scored_documents(data_dir, tmp_path):
-    """The benchmark's task-format calibration texts hold gold answers of documents no evaluation subset scores."""
+    """The benchmark's task-format calibration texts contain gold continuations of documents that no evaluation subset scores."""
     import subprocess
     from pathlib import Path
 
@@ -548,7 +548,7 @@ def test_task_calibration_skips_scored_documents(data_dir, tmp_path):
         scored |= set(seeded_subset(len(raw[row["task"]]), 50, 1234, row["task"]))
         assert not scored.intersection(row["doc_ids"])
 
-        # The gold answer read from the raw file, not through lm-eval.
+        # The gold choice read from the raw file, not through lm-eval.
         for doc_id in row["doc_ids"]:
             record = raw[row["task"]][doc_id]
             if row["task"] == "openbookqa":
