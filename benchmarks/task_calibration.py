@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         excluded = set()
         for limit in limits:
             excluded.update(seeded_subset(len(docs), limit, args.eval_seed, name))
-        candidates = [index for index in range(len(docs)) if index not in excluded]
+        candidates = seeded_subset(len(docs), None, args.eval_seed, name, exclude_limits=tuple(limits))
         random.Random(f"{args.seed}:{name}").shuffle(candidates)
 
         # Enough documents for the texts even if each contains one example.

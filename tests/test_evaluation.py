@@ -8,6 +8,7 @@ directory); tests that need them are skipped without it.
 
 import json
 import math
+import random
 import sys
 
 import pytest
@@ -326,6 +327,20 @@ def test_seeded_subset_is_fixed_per_task():
     assert seeded_subset(30, 50, 1234, "piqa") == list(range(30))
 
 
+def test_seeded_subset_excluding_earlier_subsets():
+    first, second = seeded_subset(500, 200, 1234, "piqa"), seeded_subset(500, 50, 1234, "piqa")
+    disjoint = seeded_subset(500, 200, 1234, "piqa", exclude_limits=(50, 200))
+
+    # Without exclusion the subset is the plain seeded draw that stored results name.
+    assert first == sorted(random.Random("1234:piqa").sample(range(500), 200))
+    assert len(disjoint) == 200 and not set(disjoint) & (set(first) | set(second))
+    assert disjoint == seeded_subset(500, 200, 1234, "piqa", exclude_limits=(50, 200))
+    assert seeded_subset(300, None, 1234, "piqa", exclude_limits=(200,)) == sorted(
+        set(range(300)) - set(seeded_subset(300, 200, 1234, "piqa")))
+    with pytest.raises(ValueError, match="leaves none of the 150 documents"):
+        seeded_subset(150, 10, 1234, "piqa", exclude_limits=(200,))
+
+
 def test_task_configs_load_every_document(data_dir, tmp_path):
     _, tasks = evaluation.build_tasks(list(evaluation.ZERO_SHOT_TASKS), evaluation.write_task_configs(tmp_path, data_dir))
     sizes = {name: len(task.eval_docs) for name, task in tasks.items()}
@@ -456,6 +471,27 @@ def test_eval_log_samples_and_paired_compare(saved_models, data_dir, tmp_path, c
                   str(tmp_path / "compare"), "--paired", models[0]])
     assert exit_info.value.code == 2
     assert "is not one of the compared models" in capsys.readouterr().err
+
+
+def test_eval_command_second_disjoint_sample(saved_models, data_dir, tmp_path):
+    arguments = ["eval", "--model", str(saved_models["skip"]), "--tasks", "piqa", "--limit", "3", "--ppl", "none",
+                 "--data-dir", str(data_dir), "--output-dir"]
+    cli.main(arguments + [str(tmp_path / "first")])
+    cli.main(arguments + [str(tmp_path / "second"), "--exclude-limits", "3"])
+    first, second = (json.loads((tmp_path / part / f"{saved_models['skip'].name}.json").read_text())["zero_shot"]["piqa"]
+                     for part in ("first", "second"))
+
+    assert len(second["doc_ids"]) == 3 and not set(first["doc_ids"]) & set(second["doc_ids"])
+    assert second["settings"] == {"limit": 3, "seed": 1234, "exclude_limits": [3]}
+
+
+@pytest.mark.parametrize("value", ["0", "50,x", ""])
+def test_eval_command_rejects_invalid_exclude_limits(saved_models, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--model", str(saved_models["dense"]), "--tasks", "piqa", "--exclude-limits", value])
+
+    assert exit_info.value.code == 2
+    assert "--exclude-limits must be positive subset sizes" in capsys.readouterr().err
 
 
 def test_eval_command_rescores_changed_heldout_text(saved_models, data_dir, tmp_path):

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="documents per zero-shot task: a fixed random subset of this size (default: all)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the zero-shot subsets")
+    parser.add_argument("--exclude-limits", default=None, metavar="N[,N...]",
+                        help="leave out the documents of the --limit N subsets (same seed) before drawing, e.g. "
+                             "'200' for a second sample of documents disjoint from the --limit 200 one")
     parser.add_argument("--log-samples", action="store_true",
                         help="keep each zero-shot document's log-likelihoods and metric values, so that models scored "
                              "on the same documents can be compared document by document (igp compare --paired)")
@@ -89,6 +92,20 @@ def write_result(result: dict, path: Path) -> None:
     partial.replace(path)
 
 
+def _parse_exclude_limits(text: str | None) -> tuple[int, ...]:
+    """Turn `--exclude-limits 50,200` into (50, 200)."""
+    if text is None:
+        return ()
+    try:
+        limits = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        limits = ()
+    if not limits or min(limits) < 1:
+        raise UsageError(f"--exclude-limits must be positive subset sizes separated by commas, e.g. 200 or 50,200; "
+                         f"got {text!r}.")
+    return limits
+
+
 def _validate(args) -> tuple[list[str], list[str]]:
     from .evaluation import parse_domains, parse_task_names
 
@@ -99,6 +116,7 @@ def _validate(args) -> tuple[list[str], list[str]]:
             raise UsageError(f"{option} must be at least 1, got {value}.")
     if args.ppl_window < 2:
         raise UsageError(f"--ppl-window must be at least 2 tokens, got {args.ppl_window}.")
+    args.exclude_limits = _parse_exclude_limits(args.exclude_limits)
     try:
         tasks = [] if args.tasks == "none" else parse_task_names(args.tasks)
         domains = [] if args.ppl == "none" else parse_domains(args.ppl)
@@ -190,6 +208,8 @@ def _evaluate_quality(model_dir, path, tasks, ppl_settings, exclude, data_dir, a
     todo_domains = [domain for domain, settings in ppl_settings.items() if args.overwrite or
                     result["perplexity"].get(domain, {}).get("settings") != settings]
     zero_shot_settings = {"limit": args.limit, "seed": args.seed}
+    if args.exclude_limits:
+        zero_shot_settings["exclude_limits"] = list(args.exclude_limits)
     todo_tasks = [task for task in tasks if args.overwrite or
                   result["zero_shot"].get(task, {}).get("settings") != zero_shot_settings or
                   (args.log_samples and "samples" not in result["zero_shot"][task])]
@@ -213,6 +233,7 @@ def _evaluate_quality(model_dir, path, tasks, ppl_settings, exclude, data_dir, a
         # Each task is written as soon as it finishes, so an interrupted run keeps the finished ones.
         for task in todo_tasks:
             config = evaluation.ZeroShotConfig(tasks=(task,), limit=args.limit, seed=args.seed,
+                                               exclude_limits=args.exclude_limits,
                                                batch_size=args.batch_size, log_samples=args.log_samples)
             scores = evaluation.evaluate_zero_shot(lm, config, data_dir)[task]
             scores["settings"] = zero_shot_settings

@@ -378,16 +378,28 @@ def parse_task_names(tasks) -> list[str]:
     return list(tasks)
 
 
-def seeded_subset(num_docs: int, limit: int | None, seed: int, task: str) -> list[int]:
-    """Return the sorted document indices of a fixed random subset of `limit` documents (all when None)."""
+def seeded_subset(num_docs: int, limit: int | None, seed: int, task: str, exclude_limits=()) -> list[int]:
+    """Return the sorted document indices of a fixed random subset of `limit` documents (all when None).
+
+    With `exclude_limits`, the documents of the subsets of those sizes (same seed) are left out first, so the result
+    is a second sample disjoint from the first, to check whether a difference seen there holds on other documents.
+    """
     import random
 
-    if limit is None or limit >= num_docs:
-        return list(range(num_docs))
+    excluded = set()
+    for excluded_limit in exclude_limits:
+        excluded.update(seeded_subset(num_docs, excluded_limit, seed, task))
+    if len(excluded) >= num_docs:
+        raise ValueError(f"Excluding the subsets of {list(exclude_limits)} documents leaves none of the {num_docs} "
+                         f"documents of {task}; exclude smaller subsets.")
+    candidates = [index for index in range(num_docs) if index not in excluded]
+    if limit is None or limit >= len(candidates):
+        return candidates
     if limit < 1:
         raise ValueError(f"limit must be a positive number of documents, got {limit}.")
     # A string seed is hashed with SHA-512 by `random`, so the subset is the same in every process and version.
-    return sorted(random.Random(f"{seed}:{task}").sample(range(num_docs), limit))
+    rng = random.Random(f"{seed}:{task}" if not exclude_limits else f"{seed}:{task}:excluding:{sorted(exclude_limits)}")
+    return sorted(rng.sample(candidates, limit))
 
 
 def routing_text(requests) -> str:
@@ -510,6 +522,8 @@ class ZeroShotConfig:
     """Documents per task: a fixed random subset of this size (all documents when None)."""
     seed: int = 1234
     """Seed of the subset; the same seed gives the same documents in every run."""
+    exclude_limits: tuple = ()
+    """Subset sizes (same seed) whose documents the subset leaves out, for a second sample disjoint from the first."""
     batch_size: int = 16
     """Requests per forward pass."""
     bootstrap_iters: int = 1000
@@ -550,7 +564,8 @@ def evaluate_zero_shot(lm, config: ZeroShotConfig, data_dir: str | Path | None =
         task_dir = Path(task_dir) if task_dir is not None else write_task_configs(scratch, data_dir)
         manager, tasks = build_tasks(task_names, task_dir)
         samples = {
-            task.config.task: seeded_subset(len(task.eval_docs), config.limit, config.seed, name)
+            task.config.task: seeded_subset(len(task.eval_docs), config.limit, config.seed, name,
+                                              tuple(config.exclude_limits))
             for name, task in tasks.items()
         }
         output = simple_evaluate(
