@@ -101,7 +101,9 @@ def main(argv=None) -> None:
         texts = pack(examples, args.texts_per_task, args.max_chars)
         used = [index for text in texts for index in text["doc_ids"]]
         if excluded.intersection(used):
-            raise RuntimeError(f"{name}: documents {sorted(excluded.intersection(used))[:5]} are in an evaluated subset.")
+            overlap = sorted(excluded.intersection(used))[:5]
+            raise RuntimeError(f"{name}: documents {overlap} are in an evaluated subset; the exclusion is broken, so "
+                               "no file was written.")
         logger.info("%s: %d texts from %d documents (%d of %d documents excluded)", name, len(texts), len(used),
                     len(excluded), len(docs))
         rows.extend({"text": text["text"], "task": name, "doc_ids": text["doc_ids"]} for text in texts)

@@ -93,7 +93,7 @@ def write_result(result: dict, path: Path) -> None:
 
 
 def _parse_exclude_limits(text: str | None) -> tuple[int, ...]:
-    """Turn `--exclude-limits 50,200` into (50, 200)."""
+    """Parse `--exclude-limits 50,200` into (50, 200)."""
     if text is None:
         return ()
     try:
