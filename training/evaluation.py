@@ -398,8 +398,11 @@ def seeded_subset(num_docs: int, limit: int | None, seed: int, task: str, exclud
     if limit < 1:
         raise ValueError(f"limit must be a positive number of documents, got {limit}.")
     # A string seed is hashed with SHA-512 by `random`, so the subset is the same in every process and version.
-    rng = random.Random(f"{seed}:{task}" if not exclude_limits else f"{seed}:{task}:excluding:{sorted(exclude_limits)}")
-    return sorted(rng.sample(candidates, limit))
+    # Without exclusion the seed string is the one stored results were drawn with.
+    seed_text = f"{seed}:{task}"
+    if exclude_limits:
+        seed_text += f":excluding:{sorted(exclude_limits)}"
+    return sorted(random.Random(seed_text).sample(candidates, limit))
 
 
 def routing_text(requests) -> str:
