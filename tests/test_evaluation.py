@@ -333,7 +333,8 @@ def test_seeded_subset_excluding_earlier_subsets():
 
     # Without exclusion the subset is the plain seeded draw that stored results name.
     assert first == sorted(random.Random("1234:piqa").sample(range(500), 200))
-    assert len(disjoint) == 200 and not set(disjoint) & (set(first) | set(second))
+    assert len(disjoint) == 200
+    assert not set(disjoint) & (set(first) | set(second))
     assert disjoint == seeded_subset(500, 200, 1234, "piqa", exclude_limits=(50, 200))
     assert seeded_subset(300, None, 1234, "piqa", exclude_limits=(200,)) == sorted(
         set(range(300)) - set(seeded_subset(300, 200, 1234, "piqa")))
@@ -481,7 +482,8 @@ def test_eval_command_second_disjoint_sample(saved_models, data_dir, tmp_path):
     first, second = (json.loads((tmp_path / part / f"{saved_models['skip'].name}.json").read_text())["zero_shot"]["piqa"]
                      for part in ("first", "second"))
 
-    assert len(second["doc_ids"]) == 3 and not set(first["doc_ids"]) & set(second["doc_ids"])
+    assert len(second["doc_ids"]) == 3
+    assert not set(first["doc_ids"]) & set(second["doc_ids"])
     assert second["settings"] == {"limit": 3, "seed": 1234, "exclude_limits": [3]}
 
 
