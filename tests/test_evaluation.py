@@ -9,6 +9,7 @@ directory); tests that need them are skipped without it.
 import json
 import math
 import random
+import statistics
 import sys
 
 import pytest
@@ -233,6 +234,31 @@ def test_paired_zero_shot_on_shared_documents():
     mean = evaluation.mean_difference([paired, dict(paired, difference=-0.5)])
     assert mean["difference"] == 0.0
     assert mean["stderr"] == pytest.approx(paired["stderr"] / math.sqrt(2))
+
+
+def test_pool_zero_shot_of_disjoint_samples():
+    def entry(doc_ids, values, lambada_perplexity):
+        accuracy = sum(values) / len(values)
+        return {"num_docs": len(doc_ids), "total_docs": 100, "doc_ids": doc_ids, "settings": {"limit": len(doc_ids)},
+                "acc": accuracy, "acc_stderr": statistics.stdev(values) / math.sqrt(len(values)),
+                "perplexity": lambada_perplexity, "perplexity_stderr": 1.0,
+                "samples": [{"doc_id": doc, "metrics": {"acc": value}} for doc, value in zip(doc_ids, values)]}
+
+    first, second = entry([4, 9], [1.0, 0.0], 20.0), entry([1, 2, 7, 8], [1.0, 1.0, 0.0, 1.0], 80.0)
+    pooled = evaluation.pool_zero_shot([first, second])
+
+    assert pooled["num_docs"] == 6
+    assert pooled["doc_ids"] == [1, 2, 4, 7, 8, 9]
+    assert pooled["acc"] == pytest.approx(4 / 6)
+    # Standard errors of independent samples: the variance of the pooled mean is sum((n_i / n)^2 * se_i^2).
+    assert pooled["acc_stderr"] == pytest.approx(math.sqrt((2 / 6 * first["acc_stderr"]) ** 2 +
+                                                           (4 / 6 * second["acc_stderr"]) ** 2))
+    assert pooled["perplexity"] == pytest.approx(math.exp((2 * math.log(20.0) + 4 * math.log(80.0)) / 6))
+    assert pooled["perplexity_stderr"] is None
+    assert [sample["doc_id"] for sample in pooled["samples"]] == pooled["doc_ids"]
+
+    with pytest.raises(ValueError, match="share 1 documents .*document 9"):
+        evaluation.pool_zero_shot([first, entry([9, 10], [0.0, 1.0], 5.0)])
 
 
 def test_heldout_texts_skip_calibration_records(data_dir):
@@ -485,6 +511,43 @@ def test_eval_command_second_disjoint_sample(saved_models, data_dir, tmp_path):
     assert len(second["doc_ids"]) == 3
     assert not set(first["doc_ids"]) & set(second["doc_ids"])
     assert second["settings"] == {"limit": 3, "seed": 1234, "exclude_limits": [3]}
+
+
+def test_compare_pools_disjoint_samples_like_one_run(saved_models, data_dir, tmp_path, capsys, monkeypatch):
+    models = [str(saved_models["dense"]), str(saved_models["skip"])]
+    arguments = ["eval", "--model", *models, "--tasks", "piqa,boolq", "--limit", "3", "--ppl", "none",
+                 "--log-samples", "--data-dir", str(data_dir), "--output-dir"]
+    cli.main(arguments + [str(tmp_path / "first")])
+    cli.main(arguments + [str(tmp_path / "second"), "--exclude-limits", "3"])
+    compare = ["compare", *models, "--paired", models[0], "--output-dir", str(tmp_path / "compare")]
+    status = cli.main(compare + ["--eval-dir", str(tmp_path / "first"), "--eval-dir", str(tmp_path / "second")])
+    pooled = json.loads((tmp_path / "compare" / "compare.json").read_text())
+
+    # The reference: one lm-eval run over the union of the two samples.
+    samples = [json.loads((tmp_path / part / f"{saved_models['dense'].name}.json").read_text())["zero_shot"]
+               for part in ("first", "second")]
+    union = {task: sorted(samples[0][task]["doc_ids"] + samples[1][task]["doc_ids"]) for task in ("piqa", "boolq")}
+    monkeypatch.setattr(evaluation, "seeded_subset", lambda num_docs, limit, seed, task, exclude=(): union[task])
+    cli.main(["eval", "--model", *models, "--tasks", "piqa,boolq", "--limit", "6", "--ppl", "none", "--log-samples",
+              "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "whole")])
+    cli.main(compare + ["--eval-dir", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "compare" / "compare.json").read_text())
+
+    assert status == 0
+    for pooled_row, whole_row in zip(pooled["models"], whole["models"]):
+        assert pooled_row["num_docs"] == whole_row["num_docs"] == {"piqa": 6, "boolq": 6}
+        for task in union:
+            assert pooled_row["accuracy"][task] == pytest.approx(whole_row["accuracy"][task], abs=1e-12)
+    name = saved_models["skip"].name
+    for task in union:
+        assert pooled["paired"][name]["zero_shot"][task] == pytest.approx(whole["paired"][name]["zero_shot"][task])
+
+    # The same sample twice is not a larger sample.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(compare + ["--eval-dir", str(tmp_path / "first"), "--eval-dir", str(tmp_path / "first")])
+    assert exit_info.value.code == 2
+    assert "share 3 documents" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["0", "50,x", ""])

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -38,9 +39,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("models", nargs="+", metavar="DIR", help="evaluated model folders")
-    parser.add_argument("--eval-dir", default=None,
+    parser.add_argument("--eval-dir", action="append", default=None,
                         help="read NAME.json from this folder (as written by `igp eval --output-dir`) instead of "
-                             "DIR/igp_eval.json")
+                             "DIR/igp_eval.json. Repeat it to merge each model's results from several folders: "
+                             "zero-shot results of disjoint document samples (`igp eval --exclude-limits`) are "
+                             "pooled per task")
     parser.add_argument("--output-dir", default="igp-compare", help="folder for compare.json, compare.md and plots")
     parser.add_argument("--reference", default=None, metavar="DIR",
                         help="model whose speed the others are divided by (default: the first dense model)")
@@ -55,14 +58,48 @@ def register(subparsers) -> None:
 # -- reading -------------------------------------------------------------------------------------------------------
 
 
-def load_evaluation(model_dir: Path, eval_dir: Path | None) -> dict:
-    """Read the `igp eval` result of one model folder."""
+def load_evaluation(model_dir: Path, eval_dirs: list[Path] | None) -> dict:
+    """Read the `igp eval` results of one model folder, merged over `eval_dirs` when there are several."""
     from .eval_cmd import EVAL_FILE, result_path
 
-    evaluation_path = result_path(model_dir, eval_dir) if eval_dir else model_dir / EVAL_FILE
-    if not evaluation_path.is_file():
-        raise UsageError(f"No evaluation for {model_dir}: {evaluation_path} is missing. Run `igp eval --model {model_dir}`.")
-    return json.loads(evaluation_path.read_text())
+    paths = [result_path(model_dir, eval_dir) for eval_dir in eval_dirs] if eval_dirs else [model_dir / EVAL_FILE]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"No evaluation for {model_dir}: {path} is missing. Run `igp eval --model {model_dir}"
+                             + (f" --output-dir {path.parent}`." if eval_dirs else "`."))
+    parts = [json.loads(path.read_text()) for path in paths]
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return merge_evaluations(parts)
+    except ValueError as error:
+        raise UsageError(f"{model_dir.name}: {error}") from error
+
+
+def merge_evaluations(parts: list[dict]) -> dict:
+    """Merge several `igp eval` results of one model: pool each zero-shot task over the parts that scored it
+    (`pool_zero_shot`), and take each perplexity domain from the part that scored it. A domain scored in two parts
+    must have the same result in both, so that no figure is chosen silently."""
+    from .evaluation import pool_zero_shot
+
+    merged = {"model": parts[0].get("model"), "perplexity": {}, "zero_shot": {},
+              "speed": next((part["speed"] for part in parts if part.get("speed")), None)}
+    for part in parts:
+        for domain, entry in part.get("perplexity", {}).items():
+            earlier = merged["perplexity"].setdefault(domain, entry)
+            if (earlier.get("texts_sha256") != entry.get("texts_sha256")
+                    or not math.isclose(earlier["perplexity"], entry["perplexity"], rel_tol=1e-6)):
+                raise ValueError(f"two evaluation folders hold different {domain} perplexities "
+                                 f"({earlier['perplexity']:.4g} and {entry['perplexity']:.4g}); pass only one of them "
+                                 "with that domain")
+    tasks = dict.fromkeys(task for part in parts for task in part.get("zero_shot", {}))
+    for task in tasks:
+        entries = [part["zero_shot"][task] for part in parts if task in part.get("zero_shot", {})]
+        try:
+            merged["zero_shot"][task] = entries[0] if len(entries) == 1 else pool_zero_shot(entries)
+        except ValueError as error:
+            raise ValueError(f"{task}: {error}") from error
+    return merged
 
 
 def describe_model(model_dir: Path, evaluation: dict) -> dict:
@@ -374,14 +411,16 @@ def plot_masks(rows: list[dict], path: Path) -> Path:
 # -- command -------------------------------------------------------------------------------------------------------
 
 
-def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str | Path | None = None,
+def compare(model_dirs: list[str | Path], output_dir: str | Path, eval_dir: str | Path | list | None = None,
             reference: str | Path | None = None, paired: str | Path | None = None) -> dict:
     """Write compare.json, compare.md and the plots that have data for the evaluated models.
 
     With `paired`, compare.json gains `paired` (every model against that one, see `paired_against`) and compare.md
     a second table. Returns the JSON content, with the names of the written files under `files`."""
-    eval_dir = Path(eval_dir) if eval_dir else None
-    loaded = [(Path(model_dir), load_evaluation(Path(model_dir), eval_dir)) for model_dir in model_dirs]
+    if isinstance(eval_dir, (str, Path)):
+        eval_dir = [eval_dir]
+    eval_dirs = [Path(folder) for folder in eval_dir] if eval_dir else None
+    loaded = [(Path(model_dir), load_evaluation(Path(model_dir), eval_dirs)) for model_dir in model_dirs]
     rows = [describe_model(model_dir, evaluation) for model_dir, evaluation in loaded]
     groups = group_rows(rows)
     if reference is not None:

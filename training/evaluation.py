@@ -683,6 +683,45 @@ def mean_difference(paired: list[dict]) -> dict | None:
     }
 
 
+def pool_zero_shot(entries: list[dict]) -> dict:
+    """Return one task result for the documents of several `evaluate_zero_shot` results of that task, as if one run
+    had scored them all.
+
+    The entries must score disjoint documents (a first sample and those of `--exclude-limits`). Accuracies are the
+    document-weighted means, and their standard errors add as those of independent samples. LAMBADA's perplexity is
+    the exponential of the weighted mean log perplexity, without a standard error (lm-eval bootstraps it). Per-document
+    samples are kept only when every entry has them.
+    """
+    seen = set()
+    for entry in entries:
+        overlap = seen & set(entry["doc_ids"])
+        if overlap:
+            raise ValueError(f"The samples to pool share {len(overlap)} documents (for example document "
+                             f"{min(overlap)}); pool disjoint samples, such as a second one drawn with "
+                             "`igp eval --exclude-limits`.")
+        seen |= set(entry["doc_ids"])
+
+    counts = [entry["num_docs"] for entry in entries]
+    total = sum(counts)
+    pooled = {"num_docs": total, "total_docs": entries[0]["total_docs"], "doc_ids": sorted(seen),
+              "settings": [entry.get("settings") for entry in entries]}
+    metrics = [key for key in entries[0] if f"{key}_stderr" in entries[0]]
+    for metric in metrics:
+        if metric.startswith("acc"):
+            pooled[metric] = sum(count * entry[metric] for count, entry in zip(counts, entries)) / total
+            stderrs = [entry[f"{metric}_stderr"] for entry in entries]
+            pooled[f"{metric}_stderr"] = (None if None in stderrs else
+                                          math.sqrt(sum((count * se) ** 2 for count, se in zip(counts, stderrs))) / total)
+        else:
+            pooled[metric] = math.exp(sum(count * math.log(entry[metric]) for count, entry in zip(counts, entries))
+                                      / total)
+            pooled[f"{metric}_stderr"] = None
+    if all("samples" in entry for entry in entries):
+        pooled["samples"] = sorted((sample for entry in entries for sample in entry["samples"]),
+                                   key=lambda sample: sample["doc_id"])
+    return pooled
+
+
 # -- speed and memory ------------------------------------------------------------------------------------------------
 
 
