@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/pruning_quality.sh baselines   # dense, ShortGPT, block Block Influence, random (3 seeds)
 #   bash benchmarks/pruning_quality.sh learned     # static L0 (one cluster) and IG-Pruning with N = 4 and 8
-#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"), and the N = 8 recipe ("lx")
+#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"); the current recipe ("x",
+#                                                  # "lx") for static L0 and N = 4, 8 and 16
 #   bash benchmarks/pruning_quality.sh task        # every method again, calibrated also on task-format text
 #   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
+#   bash benchmarks/pruning_quality.sh eval-second # zero-shot accuracy on a second, disjoint sample of documents
 #   bash benchmarks/pruning_quality.sh speed       # speed and memory of every built model, in one run
 #   bash benchmarks/pruning_quality.sh compare     # table, JSON, Markdown and plots (PAIRED=DIR: paired differences)
 #
@@ -63,11 +65,16 @@ refine_learned() {
         [ -f "$OUT/igp-n8r-$sparsity/config.json" ] || \
             $IGP refine "$OUT/igp-n8-$sparsity" --output "$OUT/igp-n8r-$sparsity" --examples 16
         # The current recipe in one run: mask learning, a global search on 64 texts, per-cluster searches and the
-        # exchange of refined masks.
+        # exchange of refined masks; static L0 with the same refinement ("x").
         blocks=$([ "$sparsity" = 0.125 ] && echo 0.13333334 || echo 0.26666667)
-        [ -f "$OUT/igp-n8lx-$sparsity/config.json" ] || \
-            $IGP prune --clusters 8 --sparsity "$blocks" --calibration "$CALIBRATION" --refine \
-                --refine-global-examples 64 --output "$OUT/igp-n8lx-$sparsity"
+        [ -f "$OUT/static-l0x-$sparsity/config.json" ] || \
+            $IGP baseline --method static-l0 --sparsity "$sparsity" --calibration "$CALIBRATION" \
+                --refine-examples 64 --output "$OUT/static-l0x-$sparsity"
+        for clusters in ${RECIPE_CLUSTERS:-8 4 16}; do
+            [ -f "$OUT/igp-n${clusters}lx-$sparsity/config.json" ] || \
+                $IGP prune --clusters "$clusters" --sparsity "$blocks" --calibration "$CALIBRATION" --refine \
+                    --refine-global-examples 64 --output "$OUT/igp-n${clusters}lx-$sparsity"
+        done
     done
 }
 
@@ -108,13 +115,19 @@ case "${1:-}" in
     eval)
         $IGP eval --model $(models) --tasks all --limit "$LIMIT" --log-samples --ppl all --ppl-max-tokens "$PPL_TOKENS" \
             --calibration "$CALIBRATION" --data-dir "$DATA" --output-dir "$OUT/eval" ;;
+    eval-second)
+        # A second zero-shot sample of LIMIT documents a task, sharing none with the seeded subsets of EXCLUDE.
+        $IGP eval --model $(models) --tasks all --limit "$LIMIT" --exclude-limits "${EXCLUDE:-50,200}" --log-samples \
+            --ppl none --data-dir "$DATA" --output-dir "$OUT/eval-second" ;;
     speed)
         # The plain transformers SmolLM2 runs too, to show what the block loop costs when nothing is skipped.
         plain=$(.venv/bin/python -c "from igp_training.assets import default_model_path; print(default_model_path())")
         $IGP eval --model $(models) "$plain" --tasks none --ppl none --speed --data-dir "$DATA" \
             --output-dir "$OUT/eval" ;;
     compare)
-        # With PAIRED=DIR (for example a static L0 folder), the comparison adds each model's paired difference from it.
-        $IGP compare $(models) --eval-dir "$OUT/eval" --output-dir "$OUT/compare" ${PAIRED:+--paired "$PAIRED"} ;;
-    *) echo "usage: $0 baselines|learned|refine|task|eval|speed|compare" >&2; exit 2 ;;
+        # With PAIRED=DIR (for example a static L0 folder), the comparison adds each model's paired difference from it;
+        # with POOLED=1, the zero-shot results of eval-second are pooled with those of eval.
+        $IGP compare $(models) --eval-dir "$OUT/eval" ${POOLED:+--eval-dir "$OUT/eval-second"} \
+            --output-dir "$OUT/compare" ${PAIRED:+--paired "$PAIRED"} ;;
+    *) echo "usage: $0 baselines|learned|refine|task|eval|eval-second|speed|compare" >&2; exit 2 ;;
 esac
