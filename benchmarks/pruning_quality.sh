@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/pruning_quality.sh baselines   # dense, ShortGPT, block Block Influence, random (3 seeds)
 #   bash benchmarks/pruning_quality.sh learned     # static L0 (one cluster) and IG-Pruning with N = 4 and 8
-#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"); the current recipe ("x",
-#                                                  # "lx") for static L0 and N = 4, 8 and 16
+#   bash benchmarks/pruning_quality.sh refine      # igp refine of static L0 and N = 8 ("r"), and the current recipe
+#                                                  # for static L0 ("x") and N = 4, 8 and 16 ("lx")
 #   bash benchmarks/pruning_quality.sh task        # every method again, calibrated also on task-format text
 #   bash benchmarks/pruning_quality.sh eval        # perplexity and zero-shot accuracy of every built model
 #   bash benchmarks/pruning_quality.sh eval-second # zero-shot accuracy on a second, disjoint sample of documents
@@ -65,7 +65,7 @@ refine_learned() {
         [ -f "$OUT/igp-n8r-$sparsity/config.json" ] || \
             $IGP refine "$OUT/igp-n8-$sparsity" --output "$OUT/igp-n8r-$sparsity" --examples 16
         # The current recipe in one run: mask learning, a global search on 64 texts, per-cluster searches and the
-        # exchange of refined masks; static L0 with the same refinement ("x").
+        # exchange of refined masks. Static L0 gets the same refinement ("x").
         blocks=$([ "$sparsity" = 0.125 ] && echo 0.13333334 || echo 0.26666667)
         [ -f "$OUT/static-l0x-$sparsity/config.json" ] || \
             $IGP baseline --method static-l0 --sparsity "$sparsity" --calibration "$CALIBRATION" \
@@ -125,8 +125,8 @@ case "${1:-}" in
         $IGP eval --model $(models) "$plain" --tasks none --ppl none --speed --data-dir "$DATA" \
             --output-dir "$OUT/eval" ;;
     compare)
-        # With PAIRED=DIR (for example a static L0 folder), the comparison adds each model's paired difference from it;
-        # with POOLED=1, the zero-shot results of eval-second are pooled with those of eval.
+        # With PAIRED=DIR (for example a static L0 folder), the comparison adds each model's paired difference from it.
+        # With POOLED=1, the zero-shot results of eval-second are pooled with those of eval.
         $IGP compare $(models) --eval-dir "$OUT/eval" ${POOLED:+--eval-dir "$OUT/eval-second"} \
             --output-dir "$OUT/compare" ${PAIRED:+--paired "$PAIRED"} ;;
     *) echo "usage: $0 baselines|learned|refine|task|eval|eval-second|speed|compare" >&2; exit 2 ;;

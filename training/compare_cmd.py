@@ -89,9 +89,9 @@ def merge_evaluations(parts: list[dict]) -> dict:
             earlier = merged["perplexity"].setdefault(domain, entry)
             if (earlier.get("texts_sha256") != entry.get("texts_sha256")
                     or not math.isclose(earlier["perplexity"], entry["perplexity"], rel_tol=1e-6)):
-                raise ValueError(f"two evaluation folders hold different {domain} perplexities "
-                                 f"({earlier['perplexity']:.4g} and {entry['perplexity']:.4g}); pass only one of them "
-                                 "with that domain")
+                raise ValueError(f"two evaluation folders contain different {domain} perplexities "
+                                 f"({earlier['perplexity']:.4g} and {entry['perplexity']:.4g}). Pass only one folder "
+                                 "with that domain.")
     tasks = dict.fromkeys(task for part in parts for task in part.get("zero_shot", {}))
     for task in tasks:
         entries = [part["zero_shot"][task] for part in parts if task in part.get("zero_shot", {})]

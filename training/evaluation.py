@@ -696,8 +696,8 @@ def pool_zero_shot(entries: list[dict]) -> dict:
     for entry in entries:
         overlap = seen & set(entry["doc_ids"])
         if overlap:
-            raise ValueError(f"The samples to pool share {len(overlap)} documents (for example document "
-                             f"{min(overlap)}); pool disjoint samples, such as a second one drawn with "
+            raise ValueError(f"Invalid samples to pool: they share {len(overlap)} documents, for example document "
+                             f"{min(overlap)}. Pool disjoint samples, such as a second one drawn with "
                              "`igp eval --exclude-limits`.")
         seen |= set(entry["doc_ids"])
 
@@ -710,8 +710,11 @@ def pool_zero_shot(entries: list[dict]) -> dict:
         if metric.startswith("acc"):
             pooled[metric] = sum(count * entry[metric] for count, entry in zip(counts, entries)) / total
             stderrs = [entry[f"{metric}_stderr"] for entry in entries]
-            pooled[f"{metric}_stderr"] = (None if None in stderrs else
-                                          math.sqrt(sum((count * se) ** 2 for count, se in zip(counts, stderrs))) / total)
+            if None in stderrs:
+                pooled[f"{metric}_stderr"] = None
+            else:
+                weighted = sum((count * stderr) ** 2 for count, stderr in zip(counts, stderrs))
+                pooled[f"{metric}_stderr"] = math.sqrt(weighted) / total
         else:
             pooled[metric] = math.exp(sum(count * math.log(entry[metric]) for count, entry in zip(counts, entries))
                                       / total)
