@@ -40,7 +40,9 @@ def register(subparsers) -> None:
                         help="calibration SPEC (default: the one in the folder's igp_run.json)")
 
     parser.add_argument("--rounds", type=int, default=2, help="swap rounds per cluster (0: bank choice only)")
-    parser.add_argument("--window", type=int, default=3, help="blocks on each side of the cut that may swap")
+    parser.add_argument("--window", type=int, default=3,
+                        help="blocks on each side of the cut that may swap, ranked by the gate scores of mask learning "
+                             "(Block Influence for a baseline without them)")
     parser.add_argument("--examples", type=int, default=16, help="calibration texts per cluster that score masks")
     parser.add_argument("--exchange-examples", type=int, default=64,
                         help="calibration texts per cluster that score the other clusters' refined masks")
