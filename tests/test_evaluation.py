@@ -303,7 +303,9 @@ def test_adapter_matches_lm_eval_hf_on_dense(dense, base, tokenizer, data_dir):
         assert torch.allclose(torch.tensor(ours_ll), torch.tensor(reference_ll), atol=1e-4)
 
 
-def test_adapter_scores_every_choice_with_one_mask(base, tokenizer, router, data_dir):
+@pytest.fixture(scope="module")
+def two_cluster_runs(base, tokenizer, router, data_dir):
+    """Zero-shot results of a two-cluster model, and those of the plain base model under each of its two masks."""
     # Centroids at the prompts of two PIQA questions, so both clusters receive documents.
     piqa_docs = [json.loads(line) for line in open(data_dir / "piqa" / "valid.jsonl", encoding="utf-8")]
     doc_ids = seeded_subset(len(piqa_docs), 4, 7, "piqa")
@@ -311,21 +313,45 @@ def test_adapter_scores_every_choice_with_one_mask(base, tokenizer, router, data
     bank = [[1] * (2 * NUM_LAYERS), SKIP_MASK]
     model = IGPruningForCausalLM.from_base(base, bank, centroids=router.embed(prompts), router=router,
                                            tokenizer=tokenizer)
-    ours = _loglikelihoods(_run(IGPruningLM(pretrained=model, batch_size=4), data_dir, tasks=("piqa", "winogrande")))
+    ours = _run(IGPruningLM(pretrained=model, batch_size=4), data_dir, tasks=("piqa", "winogrande"))
     by_mask = []
     for mask in bank:
         with identity_blocks(base, mask):
             by_mask.append(_loglikelihoods(_run(HFLM(pretrained=base, tokenizer=tokenizer, batch_size=4), data_dir,
                                                 tasks=("piqa", "winogrande"))))
+    return ours, by_mask
+
+
+def _matching_masks(scores, by_mask, task, index):
+    return [cluster for cluster in range(len(by_mask))
+            if torch.allclose(torch.tensor(scores), torch.tensor(by_mask[cluster][task][index]), atol=1e-4)]
+
+
+def test_adapter_scores_every_choice_with_one_mask(two_cluster_runs):
+    ours, by_mask = two_cluster_runs
 
     used = set()
-    for task, documents in ours.items():
+    for task, documents in _loglikelihoods(ours).items():
         for index, scores in enumerate(documents):
-            matches = [cluster for cluster in range(2)
-                       if torch.allclose(torch.tensor(scores), torch.tensor(by_mask[cluster][task][index]), atol=1e-4)]
+            matches = _matching_masks(scores, by_mask, task, index)
             assert len(matches) == 1, f"{task} document {index} mixes masks across its choices"
             used.add(matches[0])
     assert used == {0, 1}
+
+
+def test_logged_samples_name_the_routed_cluster(two_cluster_runs):
+    ours, by_mask = two_cluster_runs
+
+    for task, entry in ours.items():
+        for index, sample in enumerate(entry["samples"]):
+            matches = _matching_masks(sample["loglikelihoods"], by_mask, task, index)
+            assert [sample["cluster"]] == matches, f"{task} document {sample['doc_id']}"
+
+
+def test_logged_samples_of_one_mask_have_no_cluster(dense, data_dir):
+    results = _run(IGPruningLM(pretrained=dense, batch_size=4), data_dir, tasks=("piqa",))
+
+    assert all("cluster" not in sample for sample in results["piqa"]["samples"])
 
 
 def test_routing_text_uses_shared_part():

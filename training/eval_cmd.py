@@ -44,8 +44,9 @@ def register(subparsers) -> None:
                         help="leave out the documents of the --limit N subsets (same seed) before drawing, e.g. "
                              "'200' for a second sample of documents disjoint from the --limit 200 one")
     parser.add_argument("--log-samples", action="store_true",
-                        help="keep each zero-shot document's log-likelihoods and metric values, so that models scored "
-                             "on the same documents can be compared document by document (igp compare --paired)")
+                        help="keep each zero-shot document's log-likelihoods, metric values and routed cluster, so "
+                             "that models scored on the same documents can be compared document by document (igp "
+                             "compare --paired)")
     parser.add_argument("--batch-size", type=int, default=16, help="requests (or perplexity windows) per forward pass")
     parser.add_argument("--ppl-max-tokens", type=int, default=None,
                         help="tokens scored per perplexity domain, texts taken in file order (default: all held-out)")

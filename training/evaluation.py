@@ -533,7 +533,8 @@ class ZeroShotConfig:
     """Bootstrap resamples for the standard error of non-mean metrics (LAMBADA perplexity)."""
     log_samples: bool = False
     """Keep each document's per-choice log-likelihoods and metric values in the result (`samples`), so that two
-    models scored on the same documents can be compared document by document (`paired_zero_shot`)."""
+    models scored on the same documents can be compared document by document (`paired_zero_shot`). A model with
+    several clusters also records the cluster each document was routed to."""
 
 
 def build_tasks(task_names: list[str], task_dir: Path):
@@ -596,16 +597,29 @@ def evaluate_zero_shot(lm, config: ZeroShotConfig, data_dir: str | Path | None =
             stderr = raw.get(f"{metric}_stderr,none")
             entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         if config.log_samples:
-            # lm-eval adds each document's metric values to its sample. LAMBADA's per-document "perplexity" is the
-            # target's log-likelihood, which `loglikelihoods` already contains, so only the accuracy metrics are kept.
+            # An `IGPruningLM` with several clusters keeps the cluster each document was routed to. Its requests
+            # number the documents of a `samples` subset by position in document order, not by document index.
+            selected = sorted(samples[task_name])
+            routed = {selected[position]: cluster
+                      for (task, position), cluster in getattr(lm, "document_clusters", {}).items()
+                      if task == task_name}
             entry["samples"] = [
-                {"doc_id": sample["doc_id"], "loglikelihoods": [float(resp[0][0]) for resp in sample["resps"]],
-                 "metrics": {metric: float(sample[metric]) for metric in TASK_METRICS[name]
-                             if metric.startswith("acc")}}
+                _logged_sample(sample, TASK_METRICS[name], routed.get(sample["doc_id"]))
                 for sample in sorted(output["samples"][task_name], key=lambda sample: sample["doc_id"])
             ]
         results[name] = entry
     return results
+
+
+def _logged_sample(sample: dict, metrics: tuple, cluster: int | None) -> dict:
+    """Return one document's log-likelihood per choice, its accuracy metrics and, when routed, its cluster."""
+    # lm-eval adds each document's metric values to its sample. LAMBADA's per-document "perplexity" is the target's
+    # log-likelihood, which `loglikelihoods` already contains, so only the accuracy metrics are kept.
+    logged = {"doc_id": sample["doc_id"], "loglikelihoods": [float(resp[0][0]) for resp in sample["resps"]],
+              "metrics": {metric: float(sample[metric]) for metric in metrics if metric.startswith("acc")}}
+    if cluster is not None:
+        logged["cluster"] = cluster
+    return logged
 
 
 # -- paired comparison -----------------------------------------------------------------------------------------------
