@@ -597,8 +597,9 @@ def evaluate_zero_shot(lm, config: ZeroShotConfig, data_dir: str | Path | None =
             stderr = raw.get(f"{metric}_stderr,none")
             entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         if config.log_samples:
-            # An `IGPruningLM` with several clusters keeps the cluster each document was routed to. Its requests
-            # number the documents of a `samples` subset by position in document order, not by document index.
+            # An `IGPruningLM` with several clusters keeps the cluster of each document it routed. lm-eval numbers
+            # the documents of a `samples` subset by their position among the selected ones, so positions are mapped
+            # back to document indices here.
             selected = sorted(samples[task_name])
             routed = {selected[position]: cluster
                       for (task, position), cluster in getattr(lm, "document_clusters", {}).items()
