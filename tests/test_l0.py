@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from conftest import identity_blocks, tiny_base
 from igp_training.block_influence import block_influence
 from igp_training.l0 import (
+    ClusterBalancedSampler,
     HardConcreteGates,
     L0MaskObjective,
     MaskLearningCallback,
@@ -205,6 +206,51 @@ def test_independent_gates_resume_exactly(tmp_path):
     assert resumed.history == uninterrupted.history
     saved = safetensors.torch.load_file(tmp_path / "parts" / "checkpoint-4" / "model.safetensors")
     assert "gates.shared_log_alpha" not in saved
+
+
+def test_balanced_sampler_equal_shares():
+    # 30 examples of cluster 0 and 6 of cluster 1: uniform draws would give cluster 1 one sixth of the rows.
+    sampler = ClusterBalancedSampler([0] * 30 + [1] * 6, num_samples=6000, seed=3)
+    drawn = list(sampler)
+
+    assert len(drawn) == len(sampler) == 6000
+    share = sum(index >= 30 for index in drawn) / len(drawn)
+    assert abs(share - 0.5) < 0.03
+    assert len(set(drawn)) == 36
+    assert list(sampler) == drawn
+
+
+def test_balanced_sampling_feeds_small_cluster(tmp_path):
+    base = tiny_base("llama")
+    dataset = make_dataset(num_rows=36).map(lambda row, index: {"cluster_ids": int(index >= 32)}, with_indices=True)
+    seen = []
+
+    def recording_collator(rows):
+        seen.extend(int(row["cluster_ids"]) for row in rows)
+        return pad_batch(rows)
+
+    config = quick_config(max_steps=20, init="constant", balanced_sampling=True)
+    objective = L0MaskObjective(base, config, num_clusters=2)
+    args = training_args(tmp_path, max_steps=20, lr_scheduler_type="linear")
+    MaskLearningTrainer(model=objective, args=args, train_dataset=dataset, data_collator=recording_collator).train()
+
+    # 80 rows drawn: about 40 from the 4 texts of cluster 1, against about 9 under uniform draws.
+    assert len(seen) == 80
+    assert 25 <= seen.count(1) <= 55
+
+
+def test_balanced_sampling_resumes_exactly(tmp_path):
+    base = tiny_base("qwen2")
+    dataset = make_dataset(num_rows=20).map(lambda row, index: {"cluster_ids": int(index >= 16)}, with_indices=True)
+    config = quick_config(max_steps=6, save_steps=2, lr_gates=0.2, balanced_sampling=True)
+
+    uninterrupted = learn_masks(base, dataset, config, str(tmp_path / "whole"))
+    learn_masks(base, dataset, config, str(tmp_path / "parts"), callbacks=[StopAt(4)])
+    resumed = learn_masks(base, dataset, config, str(tmp_path / "parts"),
+                          resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-4"))
+
+    assert resumed.gate_scores == uninterrupted.gate_scores
+    assert resumed.history == uninterrupted.history
 
 
 def test_cluster_influence_scope_own_mask(tmp_path):

@@ -175,6 +175,12 @@ class MaskLearningConfig:
     save_steps: int | None = None
     """Steps between resumable checkpoints in the output folder, or None for no checkpoints."""
 
+    balanced_sampling: bool = False
+    """Draw the training examples so that every cluster gets the same expected share of each batch (with replacement,
+    each example weighted by one over its cluster's size) instead of a share proportional to its size. Small clusters
+    then train their offsets (or their gates) as often as large ones, and with shared gates every cluster weighs the
+    same in the shared part. Ignored with one cluster."""
+
     same_count: bool = True
     """Binarisation: every cluster meets the target on its own (True), or the clusters share one budget so their
     mean meets it (False)."""
@@ -695,13 +701,42 @@ class MaskLearningCallback(TrainerCallback):
         state.log_history.append({"step": state.global_step, "mask_learning": record})
 
 
+class ClusterBalancedSampler(torch.utils.data.Sampler):
+    """
+    Draw `num_samples` dataset indices with replacement so that each cluster's expected share is the same.
+
+    Example i is drawn with probability proportional to 1 / size(cluster of i). The whole run is one pass over this
+    sampler (`num_samples` covers every step), and each pass starts from a generator seeded with `seed`. A resumed
+    Trainer skips the batches it already trained on by drawing the pass again, so it gets the same indices.
+    """
+
+    def __init__(self, cluster_ids: list[int], num_samples: int, seed: int = 0):
+        cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long)
+        if cluster_ids.dim() != 1 or cluster_ids.numel() == 0:
+            raise ValueError(f"cluster_ids must be a non-empty list of ints, got shape {tuple(cluster_ids.shape)}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        sizes = torch.bincount(cluster_ids)
+        self.weights = 1.0 / sizes[cluster_ids].to(torch.float64)
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+
+
 class MaskLearningTrainer(SafeCheckpointMixin, Trainer):
     """
     `transformers.Trainer` for an `L0MaskObjective`.
 
     It adds AdamW with a gate group and a maximised multiplier group, and the target warm-up and per-step history of
     `MaskLearningCallback`. Every log gains the expected sparsity, target and multipliers per cluster and the mean task
-    loss since the last log.
+    loss since the last log. With `MaskLearningConfig.balanced_sampling` it draws the examples with a
+    `ClusterBalancedSampler`.
 
     Checkpoints hold the objective's state dict (gates, multipliers, noise counter) as safetensors, plus the optimizer,
     scheduler, RNG state, trainer state and training arguments as safetensors and JSON (see `SafeCheckpointMixin`).
@@ -712,6 +747,18 @@ class MaskLearningTrainer(SafeCheckpointMixin, Trainer):
             raise TypeError(f"MaskLearningTrainer trains an L0MaskObjective, got {type(model).__name__}.")
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(MaskLearningCallback(model))
+
+    def _get_train_sampler(self, train_dataset=None):
+        config = self.model.learning_config
+        if not config.balanced_sampling or self.model.gates.num_clusters == 1:
+            return super()._get_train_sampler(train_dataset)
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        cluster_ids = _cluster_column(dataset)
+        # One pass of the sampler covers the whole run, so a resumed run redraws the same indices.
+        num_samples = (self.args.max_steps * self.args.per_device_train_batch_size
+                       * self.args.gradient_accumulation_steps)
+        return ClusterBalancedSampler(cluster_ids, num_samples, seed=config.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -910,10 +957,7 @@ def learn_masks(
     """
     start = time.perf_counter()
     _check_dataset(train_dataset)
-    if hasattr(train_dataset, "column_names"):
-        cluster_column = [int(cluster) for cluster in train_dataset["cluster_ids"]]
-    else:
-        cluster_column = [int(train_dataset[index]["cluster_ids"]) for index in range(len(train_dataset))]
+    cluster_column = _cluster_column(train_dataset)
     if num_clusters is None:
         num_clusters = max(cluster_column) + 1
     sizes = torch.bincount(torch.tensor(cluster_column), minlength=num_clusters)
@@ -1000,6 +1044,12 @@ def pad_batch(rows: list[dict]) -> dict:
     if "cluster_ids" in rows[0]:
         batch["cluster_ids"] = torch.tensor([int(row["cluster_ids"]) for row in rows], dtype=torch.long)
     return batch
+
+
+def _cluster_column(train_dataset) -> list[int]:
+    if hasattr(train_dataset, "column_names"):
+        return [int(cluster) for cluster in train_dataset["cluster_ids"]]
+    return [int(train_dataset[index]["cluster_ids"]) for index in range(len(train_dataset))]
 
 
 def _check_dataset(train_dataset) -> None:
@@ -1106,6 +1156,7 @@ def _cluster_losses(igp_model, batches: list[dict], keep: torch.BoolTensor, num_
 __all__ = [
     "HardConcreteGates",
     "L0MaskObjective",
+    "ClusterBalancedSampler",
     "MaskLearningCallback",
     "MaskLearningConfig",
     "MaskLearningOutput",

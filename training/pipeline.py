@@ -33,7 +33,7 @@ TRAINING_PLOT = "training_curves.png"
 # Settings of a run, written beside its mask-learning checkpoints so that a resume can check them.
 RESUME_SETTINGS = "run_settings.json"
 # Mask-learning settings that igp added later, with the behaviour of the versions before them.
-RESUME_SETTINGS_ADDED = {"shared_gates": False, "influence_scope": "all"}
+RESUME_SETTINGS_ADDED = {"shared_gates": False, "influence_scope": "all", "balanced_sampling": False}
 MASK_LEARNING_SUBFOLDER = "mask_learning"
 
 

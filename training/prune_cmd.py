@@ -108,6 +108,9 @@ def register(subparsers) -> None:
     learning.add_argument("--shared-gates", action=argparse.BooleanOptionalAction, default=defaults["shared_gates"],
                           help="learn each cluster's gates as a shared part trained on every text plus an offset "
                                "trained on the cluster's own texts (ignored with one cluster)")
+    learning.add_argument("--balanced-sampling", action="store_true",
+                          help="draw the training texts so that every cluster gets the same share of each batch, "
+                               "whatever its size (with replacement; ignored with one cluster)")
     learning.add_argument("--warmup-fraction", type=float, default=defaults["target_warmup_fraction"],
                           help="fraction of the steps over which the target rises to --sparsity")
     learning.add_argument("--temperature", type=float, default=defaults["temperature"],
@@ -178,6 +181,7 @@ def build_configs(args):
             init_granularity=args.init_granularity,
             influence_scope=args.influence_scope,
             shared_gates=args.shared_gates,
+            balanced_sampling=args.balanced_sampling,
             temperature=args.temperature,
             lr_gates=args.lr_gates,
             lr_lambdas=args.lr_lambdas,
