@@ -154,6 +154,16 @@ def test_prune_help_documents_spec(capsys):
         assert expected in help_text, expected
 
 
+@pytest.mark.parametrize("flag, expected", [([], False), (["--balanced-sampling"], True)])
+def test_prune_balanced_sampling_flag(flag, expected):
+    from igp_training.cli import build_parser
+    from igp_training.prune_cmd import build_configs
+
+    args = build_parser().parse_args(["prune", "--output", "run", *flag])
+    _, learning = build_configs(args)
+    assert learning.balanced_sampling is expected
+
+
 # -- end to end --------------------------------------------------------------------------------------------------
 
 

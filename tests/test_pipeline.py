@@ -175,7 +175,8 @@ def test_refinement_keeps_block_counts_and_is_recorded(tiny_model_dir, tmp_path)
 
 
 def test_resume_accepts_older_settings_file(tiny_model_dir, tmp_path):
-    # A run saved before shared gates and influence scopes existed used independent gates and one sample.
+    # A run saved before shared gates, influence scopes and balanced sampling existed used independent gates, one
+    # sample and uniform draws.
     from igp_training import pipeline
 
     config = run_config(tiny_model_dir, tmp_path / "run", resume=True)
@@ -185,12 +186,15 @@ def test_resume_accepts_older_settings_file(tiny_model_dir, tmp_path):
     pipeline._record_resume_settings(learning_dir, replace(config, resume=False), old_behaviour)
     path = learning_dir / "run_settings.json"
     saved = json.loads(path.read_text())
-    del saved["mask_learning"]["shared_gates"], saved["mask_learning"]["influence_scope"]
+    for name in ("shared_gates", "influence_scope", "balanced_sampling"):
+        del saved["mask_learning"][name]
     path.write_text(json.dumps(saved))
 
     pipeline._record_resume_settings(learning_dir, config, old_behaviour)
     with pytest.raises(ValueError, match=r"shared_gates \(False -> True\)"):
         pipeline._record_resume_settings(learning_dir, config, replace(LEARNING, shared_gates=True))
+    with pytest.raises(ValueError, match=r"balanced_sampling \(False -> True\)"):
+        pipeline._record_resume_settings(learning_dir, config, replace(old_behaviour, balanced_sampling=True))
 
 
 def test_resume_after_interruption(pruned, tiny_model_dir, tmp_path, monkeypatch):
