@@ -192,15 +192,21 @@ def test_shared_gates_log_alpha_round_trip():
     assert torch.allclose(gates.eval().sample(torch.arange(3)), plain.eval().sample(torch.arange(3)), atol=1e-6)
 
 
+def whole_and_resumed_runs(base, dataset, config, tmp_path, stop):
+    """Learn masks once without a break, and once stopped after step `stop` and resumed from its checkpoint."""
+    uninterrupted = learn_masks(base, dataset, config, str(tmp_path / "whole"))
+    learn_masks(base, dataset, config, str(tmp_path / "parts"), callbacks=[StopAt(stop)])
+    resumed = learn_masks(base, dataset, config, str(tmp_path / "parts"),
+                          resume_from_checkpoint=str(tmp_path / "parts" / f"checkpoint-{stop}"))
+    return uninterrupted, resumed
+
+
 def test_independent_gates_resume_exactly(tmp_path):
     base = tiny_base("qwen2")
     dataset = make_dataset(num_rows=20, num_clusters=2)
     config = quick_config(max_steps=6, save_steps=2, lr_gates=0.2, shared_gates=False)
 
-    uninterrupted = learn_masks(base, dataset, config, str(tmp_path / "whole"))
-    learn_masks(base, dataset, config, str(tmp_path / "parts"), callbacks=[StopAt(4)])
-    resumed = learn_masks(base, dataset, config, str(tmp_path / "parts"),
-                          resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-4"))
+    uninterrupted, resumed = whole_and_resumed_runs(base, dataset, config, tmp_path, stop=4)
 
     assert resumed.gate_scores == uninterrupted.gate_scores
     assert resumed.history == uninterrupted.history
@@ -244,10 +250,7 @@ def test_balanced_sampling_resumes_exactly(tmp_path):
     dataset = make_dataset(num_rows=20).map(lambda row, index: {"cluster_ids": int(index >= 16)}, with_indices=True)
     config = quick_config(max_steps=6, save_steps=2, lr_gates=0.2, balanced_sampling=True)
 
-    uninterrupted = learn_masks(base, dataset, config, str(tmp_path / "whole"))
-    learn_masks(base, dataset, config, str(tmp_path / "parts"), callbacks=[StopAt(4)])
-    resumed = learn_masks(base, dataset, config, str(tmp_path / "parts"),
-                          resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-4"))
+    uninterrupted, resumed = whole_and_resumed_runs(base, dataset, config, tmp_path, stop=4)
 
     assert resumed.gate_scores == uninterrupted.gate_scores
     assert resumed.history == uninterrupted.history
