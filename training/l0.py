@@ -180,6 +180,8 @@ class MaskLearningConfig:
     each example weighted by one over its cluster's size) instead of a share proportional to its size. Small clusters
     then train their offsets (or their gates) as often as large ones, and with shared gates every cluster weighs the
     same in the shared part. Ignored with one cluster."""
+    # NOTE: on SmolLM2 with N = 8 and 8 of 60 blocks skipped, balanced draws left the zero-shot mean 1.3 points below
+    # static L0 after refinement (0.8 with draws proportional to cluster size), so they stay off by default.
 
     same_count: bool = True
     """Binarisation: every cluster meets the target on its own (True), or the clusters share one budget so their
@@ -755,9 +757,9 @@ class MaskLearningTrainer(SafeCheckpointMixin, Trainer):
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         cluster_ids = _cluster_column(dataset)
-        # One pass of the sampler covers the whole run, so a resumed run redraws the same indices.
+        # One pass of the sampler covers the whole run on every process, so a resumed run redraws the same indices.
         num_samples = (self.args.max_steps * self.args.per_device_train_batch_size
-                       * self.args.gradient_accumulation_steps)
+                       * self.args.gradient_accumulation_steps * self.args.world_size)
         return ClusterBalancedSampler(cluster_ids, num_samples, seed=config.seed)
 
     def create_optimizer(self, model=None):
@@ -1154,9 +1156,9 @@ def _cluster_losses(igp_model, batches: list[dict], keep: torch.BoolTensor, num_
 
 
 __all__ = [
+    "ClusterBalancedSampler",
     "HardConcreteGates",
     "L0MaskObjective",
-    "ClusterBalancedSampler",
     "MaskLearningCallback",
     "MaskLearningConfig",
     "MaskLearningOutput",
