@@ -1049,6 +1049,7 @@ def pad_batch(rows: list[dict]) -> dict:
 
 
 def _cluster_column(train_dataset) -> list[int]:
+    """Return the cluster id of every row of `train_dataset`, reading the column at once where it has columns."""
     if hasattr(train_dataset, "column_names"):
         return [int(cluster) for cluster in train_dataset["cluster_ids"]]
     return [int(train_dataset[index]["cluster_ids"]) for index in range(len(train_dataset))]
