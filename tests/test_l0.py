@@ -219,7 +219,8 @@ def test_balanced_sampler_equal_shares():
     sampler = ClusterBalancedSampler([0] * 30 + [1] * 6, num_samples=6000, seed=3)
     drawn = list(sampler)
 
-    assert len(drawn) == len(sampler) == 6000
+    assert len(drawn) == 6000
+    assert len(sampler) == 6000
     share = sum(index >= 30 for index in drawn) / len(drawn)
     assert abs(share - 0.5) < 0.03
     assert len(set(drawn)) == 36
